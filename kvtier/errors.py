@@ -14,7 +14,7 @@ class KVTierError(Exception):
 
 
 class ConfigError(KVTierError, ValueError):
-    """A configuration value is wrong. The message names the field, the value and what is allowed."""
+    """A configuration value is wrong; the message names the field, the value and the fix."""
 
     def __init__(self, field: str, value: object, allowed: str | Iterable[object]) -> None:
         if not isinstance(allowed, str):

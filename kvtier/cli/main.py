@@ -45,7 +45,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     first = next((a for a in args_list if not a.startswith("-")), None)
-    parser = build_parser(only=first if first and any(first in n for n in COMMANDS.values()) else None)
+    parser = build_parser(
+        only=first if first and any(first in n for n in COMMANDS.values()) else None
+    )
     args = parser.parse_args(args_list)
     func = getattr(args, "func", None)
     if func is None:

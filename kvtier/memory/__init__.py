@@ -1,1 +1,1 @@
-
+"""Host and device memory pools."""

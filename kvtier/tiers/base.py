@@ -1,0 +1,275 @@
+"""The secondary-tier contract, and a thread-pool base that most tiers build on.
+
+A secondary tier stores sealed page blobs (header + payload, see kvtier.keys.blob) under their
+page keys. It never touches the GPU: it reads from and writes into host-pool slots handed to it
+by the cache, which keeps those slots pinned (reference-counted) until the job is reported done.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+from kvtier.errors import BlobError
+from kvtier.keys import PageKey, verify
+
+log = logging.getLogger("kvtier.tiers")
+
+Op = Literal["store", "load"]
+Item = tuple[PageKey, memoryview]
+
+
+@dataclass(frozen=True)
+class TierContext:
+    """What every tier needs to know about the pages it holds."""
+
+    fingerprint: bytes  # namespace fingerprint every blob must carry
+    payload_bytes: int  # payload length of every blob
+
+    @property
+    def blob_bytes(self) -> int:
+        from kvtier.keys import HEADER_SIZE
+
+        return HEADER_SIZE + self.payload_bytes
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """Outcome of one submitted batch, key by key. `failed` includes misses and corrupt blobs."""
+
+    job_id: int
+    op: Op
+    ok: tuple[PageKey, ...]
+    failed: tuple[PageKey, ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TierStats:
+    name: str
+    pages: int
+    used_bytes: int
+    capacity_bytes: int | None
+    stores_ok: int
+    stores_failed: int
+    loads_ok: int
+    loads_failed: int
+    corrupt: int
+    errors: int
+    rejected: int  # batches refused by back-pressure
+
+
+class SecondaryTier(ABC):
+    """A tier below host memory: local disk, Mooncake Store, Redis/Valkey, NIXL files.
+
+    Contract:
+    - submit_store / submit_load are non-blocking: they queue the batch and return a job id, or
+      return None (queuing nothing) when the tier's in-flight limit is reached (back-pressure).
+    - A store reads each item's buffer (a sealed blob) before its job is reported by poll(); a load
+      writes the blob into each item's buffer and is reported ok only for keys whose blob
+      verified (magic, version, namespace, key, length, checksum). A corrupt blob is a counted
+      miss and is removed from the tier; it is never reported ok.
+    - poll() returns each finished job exactly once. It never raises for tier faults: a dead
+      server turns into failed keys, an error count, and one log line.
+    - contains() answers from the tier (or a local index) without raising; on a fault it answers
+      False for every key and counts the error.
+    - Thread safety: all methods may be called from any thread.
+    """
+
+    name: str
+    kind: str
+
+    @abstractmethod
+    def contains(self, keys: Sequence[PageKey]) -> list[bool]: ...
+
+    @abstractmethod
+    def submit_store(self, items: Sequence[Item]) -> int | None: ...
+
+    @abstractmethod
+    def submit_load(self, items: Sequence[Item]) -> int | None: ...
+
+    @abstractmethod
+    def poll(self) -> list[JobResult]: ...
+
+    @abstractmethod
+    def remove(self, keys: Sequence[PageKey]) -> None: ...
+
+    def take_removed(self) -> list[PageKey]:
+        """Keys the tier dropped on its own (its eviction, TTL, corruption) since the last call."""
+        return []
+
+    def inflight(self) -> int:
+        return 0
+
+    @abstractmethod
+    def stats(self) -> TierStats: ...
+
+    @abstractmethod
+    def check_integrity(self) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class ThreadedTier(SecondaryTier):
+    """Runs blocking batch I/O on a small thread pool, verifies every loaded blob, bounds the
+    number of jobs in flight, and turns exceptions into failed keys.
+
+    Subclasses implement the blocking `_store_batch`, `_load_batch`, `_contains_batch` and
+    `_remove_batch`; each returns one bool per item (or raises, failing the whole batch).
+    """
+
+    def __init__(
+        self, name: str, ctx: TierContext, *, threads: int = 2, max_inflight: int = 8
+    ) -> None:
+        self.name = name
+        self.ctx = ctx
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"kvtier-{name}")
+        self._max_inflight = max_inflight
+        self._lock = threading.Lock()
+        self._next_id = 1
+        self._jobs: dict[int, Future[JobResult]] = {}
+        self._counts = dict.fromkeys(
+            (
+                "stores_ok",
+                "stores_failed",
+                "loads_ok",
+                "loads_failed",
+                "corrupt",
+                "errors",
+                "rejected",
+            ),
+            0,
+        )
+        self._logged_fault = False
+        self._removed: list[PageKey] = []
+
+    # -- blocking primitives for subclasses ---------------------------------------------------
+    @abstractmethod
+    def _store_batch(self, items: Sequence[Item]) -> list[bool]: ...
+
+    @abstractmethod
+    def _load_batch(self, items: Sequence[Item]) -> list[bool]: ...
+
+    @abstractmethod
+    def _contains_batch(self, keys: Sequence[PageKey]) -> list[bool]: ...
+
+    @abstractmethod
+    def _remove_batch(self, keys: Sequence[PageKey]) -> None: ...
+
+    # -- SecondaryTier -----------------------------------------------------------------------
+    def contains(self, keys: Sequence[PageKey]) -> list[bool]:
+        try:
+            return self._contains_batch(keys)
+        except Exception as exc:  # a tier fault is a miss, never a crash in the engine
+            self._fault("contains", exc)
+            return [False] * len(keys)
+
+    def submit_store(self, items: Sequence[Item]) -> int | None:
+        return self._submit("store", list(items))
+
+    def submit_load(self, items: Sequence[Item]) -> int | None:
+        return self._submit("load", list(items))
+
+    def _submit(self, op: Op, items: list[Item]) -> int | None:
+        with self._lock:
+            if len(self._jobs) >= self._max_inflight:
+                self._counts["rejected"] += 1
+                return None
+            job_id = self._next_id
+            self._next_id += 1
+            self._jobs[job_id] = self._pool.submit(self._run, job_id, op, items)
+            return job_id
+
+    def _run(self, job_id: int, op: Op, items: list[Item]) -> JobResult:
+        start = time.perf_counter()
+        try:
+            flags = self._store_batch(items) if op == "store" else self._load_batch(items)
+        except Exception as exc:
+            self._fault(op, exc)
+            flags = [False] * len(items)
+        ok: list[PageKey] = []
+        failed: list[PageKey] = []
+        corrupt: list[PageKey] = []
+        for (key, buf), good in zip(items, flags, strict=True):
+            if good and op == "load":
+                try:
+                    verify(buf, self.ctx.fingerprint, key, self.ctx.payload_bytes)
+                except BlobError as exc:
+                    log.warning("tier %s: dropping corrupt page %s: %s", self.name, key.hex(), exc)
+                    corrupt.append(key)
+                    good = False
+            (ok if good else failed).append(key)
+        if corrupt:
+            try:
+                self._remove_batch(corrupt)
+            except Exception as exc:
+                self._fault("remove", exc)
+        with self._lock:
+            self._counts["corrupt"] += len(corrupt)
+            self._removed.extend(corrupt)
+            self._counts[f"{op}s_ok"] += len(ok)
+            self._counts[f"{op}s_failed"] += len(failed)
+        return JobResult(job_id, op, tuple(ok), tuple(failed), time.perf_counter() - start)
+
+    def poll(self) -> list[JobResult]:
+        with self._lock:
+            done = [jid for jid, fut in self._jobs.items() if fut.done()]
+            futures = [self._jobs.pop(jid) for jid in done]
+        return [f.result() for f in futures]
+
+    def wait_all(self, timeout: float | None = None) -> list[JobResult]:
+        """Block until every job in flight finishes; return them (tests and shutdown)."""
+        with self._lock:
+            futures = list(self._jobs.values())
+        for f in futures:
+            f.exception(timeout=timeout)
+        return self.poll()
+
+    def inflight(self) -> int:
+        with self._lock:
+            return len(self._jobs)
+
+    def remove(self, keys: Sequence[PageKey]) -> None:
+        try:
+            self._remove_batch(keys)
+        except Exception as exc:
+            self._fault("remove", exc)
+
+    def take_removed(self) -> list[PageKey]:
+        with self._lock:
+            out, self._removed = self._removed, []
+            return out
+
+    def _note_removed(self, keys: Sequence[PageKey]) -> None:
+        with self._lock:
+            self._removed.extend(keys)
+
+    def _fault(self, what: str, exc: BaseException) -> None:
+        with self._lock:
+            self._counts["errors"] += 1
+            first = not self._logged_fault
+            self._logged_fault = True
+        if first:  # logged once per tier; the count keeps going up in stats()
+            log.warning("tier %s: %s failed (%s); treating as misses", self.name, what, exc)
+
+    def _recovered(self) -> None:
+        """Call after a successful operation so the next fault is logged again."""
+        if self._logged_fault:
+            with self._lock:
+                self._logged_fault = False
+            log.info("tier %s: recovered", self.name)
+
+    def _stats(self, pages: int, used: int, capacity: int | None) -> TierStats:
+        with self._lock:
+            c = dict(self._counts)
+        return TierStats(self.name, pages, used, capacity, **c)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
