@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from kvtier.errors import ConfigError
-from kvtier.geometry import AttentionGroup, AttentionKind, KVCacheSpec, KVTensorSpec, uniform_spec
+from kvtier.geometry.groups import (
+    AttentionGroup,
+    AttentionKind,
+    KVCacheSpec,
+    KVTensorSpec,
+    uniform_spec,
+)
 
 
 def gemma_like(num_blocks: int = 64) -> KVCacheSpec:

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvtier.errors import ConfigError
-from kvtier.geometry import KVCacheSpec, uniform_spec
+from kvtier.geometry.groups import KVCacheSpec, uniform_spec
 from kvtier.transfer.registration import (
     BlockRun,
     RegistrationPlan,
