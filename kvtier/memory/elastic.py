@@ -141,7 +141,9 @@ class ElasticPool:
                 if not 0 <= b < self.layout.num_blocks or not self._allocated[b]:
                     raise AllocationError(f"free: block {b} is not allocated")
             self._release_blocks(blocks)
-            self._trim()
+            if self._reserve:  # a lowered limit takes effect as soon as slots empty
+                self._limits = self._source.current()
+                self._trim()
 
     def _slot_with_free_blocks(self) -> int:
         if self._partial:

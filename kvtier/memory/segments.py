@@ -29,32 +29,7 @@ from kvtier.errors import ConfigError
 from kvtier.memory.elastic_layout import LimitSource, PoolLimits
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTkmgt]?)(i?[Bb])?\s*$")
-_POW = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 FORMAT_VERSION = 1
-
-
-def parse_size(text: str) -> int:
-    """Bytes from "1024", "512M", "8G", "1.5GiB", "2GB". Single letters and *iB are binary
-    (powers of 1024), *B with a prefix is decimal (powers of 1000)."""
-    m = _SIZE.match(str(text))
-    if not m:
-        raise ConfigError("size", text, "a size like 1024, 512M, 8G, 1.5GiB or 2GB")
-    number, prefix, suffix = m.group(1), m.group(2).lower(), m.group(3) or ""
-    base = 1000 if prefix and suffix in ("B", "b") else 1024
-    value = float(number) * base ** _POW[prefix]
-    if value != int(value) and not prefix:
-        raise ConfigError("size", text, "a whole number of bytes")
-    return int(value)
-
-
-def format_size(nbytes: int | None) -> str:
-    if nbytes is None:
-        return "-"
-    for unit, power in (("TiB", 4), ("GiB", 3), ("MiB", 2), ("KiB", 1)):
-        if nbytes >= 1024**power:
-            return f"{nbytes / 1024**power:.1f}{unit}"
-    return f"{nbytes}B"
 
 
 def default_run_dir() -> Path:

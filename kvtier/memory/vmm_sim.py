@@ -216,6 +216,11 @@ class SimBackend(DeviceBackend):
             h.buf[g.offset + lo : g.offset + hi] = chunk
             pos += hi - lo
 
+    def handle_bytes(self, handle: int) -> bytes:
+        """The physical contents of a live handle (to prove the zero page stays zero)."""
+        h = self._handles[handle]
+        return bytes(h.nbytes) if h.buf is None else h.buf.tobytes()
+
     def handle_device(self, handle: int) -> int:
         return self._handles[handle].device
 
