@@ -52,7 +52,8 @@ def canonical_dtype(name: object) -> str:
 def torch_dtype(name: str) -> torch.dtype:
     import torch
 
-    return getattr(torch, canonical_dtype(name))  # type: ignore[no-any-return]
+    dtype: torch.dtype = getattr(torch, canonical_dtype(name))
+    return dtype
 
 
 def _positive(field: str, value: int) -> None:
