@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from kvtier.keys import PageKey
 
 
-class LookupStatus(str, Enum):
+class LookupStatus(StrEnum):
     HIT = "hit"  # `hits` leading pages are in host memory and can be loaded now
     MISS = "miss"  # nothing usable: recompute
     PENDING = "pending"  # `hits` loadable now; `pending` more are being promoted: ask again
@@ -42,7 +42,7 @@ class LoadPlan:
     slots: tuple[int, ...]
 
 
-class EventKind(str, Enum):
+class EventKind(StrEnum):
     STORED = "stored"  # keys became available in `tier`
     REMOVED = "removed"  # keys left `tier`
     PROMOTED = "promoted"  # keys copied up from `tier` into the host tier
