@@ -139,6 +139,9 @@ class ARCPolicy(EvictionPolicy[K]):
             self._n2 -= 1
             self._b2[key] = None
         del self._where[key]
+        if self._n1 + self._n2 >= self.capacity:
+            # only after inserts past capacity: the move to a ghost list kept the sums above c
+            self._trim_ghosts()
         return key
 
     def evictable(self) -> int:
