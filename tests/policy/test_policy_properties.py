@@ -124,7 +124,5 @@ class PolicyMachine(RuleBasedStateMachine):
             assert (k in p) == (k in self.resident)
 
 
-PolicyMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=60, deadline=None
-)
+PolicyMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
 TestPolicyMachine = PolicyMachine.TestCase

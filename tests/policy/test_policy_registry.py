@@ -9,7 +9,7 @@ from kvtier.policy import POLICIES, ARCPolicy, LRUPolicy, S3FIFOPolicy, make_pol
 
 
 def test_names_map_to_classes() -> None:
-    assert POLICIES == {"lru": LRUPolicy, "arc": ARCPolicy, "s3fifo": S3FIFOPolicy}
+    assert {"lru": LRUPolicy, "arc": ARCPolicy, "s3fifo": S3FIFOPolicy} == POLICIES
     for name, cls in POLICIES.items():
         p = make_policy(name, 8)
         assert type(p) is cls and p.name == name and p.capacity == 8
