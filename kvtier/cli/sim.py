@@ -38,7 +38,7 @@ def simulate(policy: str, capacity: int, trace: Path) -> ReplayResult:
     return replay(make_policy(policy, capacity), read_trace(trace))
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
         "sim",
         help="replay a key trace through an eviction policy",

@@ -111,7 +111,7 @@ class PolicyMachine(RuleBasedStateMachine):
         for v in victims:
             assert v in self.resident, f"evicted {v!r}, which was not resident"
             assert v not in self.pinned, f"evicted pinned key {v!r}"
-            self.resident.discard(v)  # type: ignore[arg-type]
+            self.resident.discard(v)
 
     @invariant()
     def agrees_with_model(self) -> None:
