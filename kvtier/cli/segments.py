@@ -22,7 +22,7 @@ from kvtier.memory.segments import SegmentRegistry, SegmentState
 from kvtier.units import format_size, parse_size
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("segments", help="list segments of elastic GPU memory; `segments gc`")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     ssub = p.add_subparsers(dest="segments_cmd", metavar="ACTION")

@@ -53,7 +53,7 @@ class TorchDistChannel(MapChannel):
 
     def exchange(self, ops: list[MapOp] | None) -> list[MapOp]:
         box: list[object] = [[tuple(o) for o in ops] if ops is not None else None]
-        self._dist.broadcast_object_list(box, src=self.src, group=self.group)
+        self._dist.broadcast_object_list(box, src=self.src, group=self.group)  # type: ignore[arg-type]
         payload = box[0]
         if not isinstance(payload, list):
             raise TierError("TorchDistChannel: leader sent no batch")
@@ -88,7 +88,9 @@ class FileChannel(MapChannel):
                 break
             except FileNotFoundError:
                 if time.monotonic() > deadline:
-                    raise TierError(f"FileChannel: no message {self.seq} after {self.timeout}s")
+                    raise TierError(
+                        f"FileChannel: no message {self.seq} after {self.timeout}s"
+                    ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.02)
         self.seq += 1
