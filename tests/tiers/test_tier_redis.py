@@ -1,0 +1,151 @@
+"""Redis / Valkey tier against a real redis-server on a loopback port, with fault injection."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from servers import RedisServer
+from tierkit import Pages, run
+
+from kvtier.errors import ConfigError
+from kvtier.keys import pack
+from kvtier.tiers.redis import RedisTier
+from kvtier.tiers.registry import make_tier
+
+redis = pytest.importorskip("redis")
+
+
+@pytest.fixture
+def server(redis_server: RedisServer) -> RedisServer:
+    return redis_server
+
+
+def make(pages: Pages, srv: RedisServer, kind: str = "redis", **kw: object) -> RedisTier:
+    opts = {"url": srv.url, "socket_timeout_s": 2, "connect_timeout_s": 1, **kw}
+    tier = make_tier(kind, kind, opts, pages.ctx)
+    assert isinstance(tier, RedisTier)
+    return tier
+
+
+@pytest.mark.parametrize("kind", ["redis", "valkey"])
+def test_round_trip_bit_exact(server: RedisServer, kind: str) -> None:
+    pages = Pages()
+    tier = make(pages, server, kind)
+    keys = [Pages.key(i) for i in range(8)]
+    assert run(tier, "store", pages.items(keys)).ok == tuple(keys)
+    assert tier.contains([*keys, Pages.key(99)]) == [True] * 8 + [False]
+    res = run(tier, "load", pages.empty([*keys, Pages.key(99)], first_slot=16))
+    assert res.ok == tuple(keys) and res.failed == (Pages.key(99),)
+    assert all(pages.holds(k, 16 + i) for i, k in enumerate(keys))
+    assert tier.stats().pages == 8
+    tier.remove(keys[:2])
+    assert tier.contains(keys[:3]) == [False, False, True]
+    tier.check_integrity()
+    tier.close()
+
+
+def test_ttl_expires_pages_and_hits_renew(server: RedisServer) -> None:
+    pages = Pages()
+    tier = make(pages, server, ttl_s=1)
+    keys = [Pages.key(i) for i in range(2)]
+    run(tier, "store", pages.items(keys))
+    client = redis.Redis.from_url(server.url)
+    assert 0 < client.ttl(b"kvtier:" + keys[0].hex().encode()) <= 1
+    time.sleep(2.2)
+    assert tier.contains(keys) == [False, False]
+    assert run(tier, "load", pages.empty(keys)).failed == tuple(keys)
+    tier.check_integrity()
+    tier.close()
+
+
+@pytest.mark.parametrize("damage", ["short", "bitflip", "foreign"])
+def test_damaged_value_is_a_counted_miss_and_removed(server: RedisServer, damage: str) -> None:
+    pages = Pages()
+    tier = make(pages, server)
+    keys = [Pages.key(i) for i in range(3)]
+    run(tier, "store", pages.items(keys))
+    client = redis.Redis.from_url(server.url)
+    name = b"kvtier:" + keys[1].hex().encode()
+    value = bytearray(client.get(name))
+    if damage == "short":
+        value = value[:-1]
+    elif damage == "bitflip":
+        value[-7] ^= 1
+    else:
+        value = bytearray(pack(b"Z" * 16, keys[1], bytes(pages.ctx.payload_bytes)))
+    client.set(name, bytes(value))
+    res = run(tier, "load", pages.empty(keys))
+    assert res.ok == (keys[0], keys[2]) and res.failed == (keys[1],)
+    assert pages.holds(keys[0], 0) and pages.holds(keys[2], 2)
+    assert client.exists(name) == 0
+    assert tier.stats().corrupt == 1 and keys[1] in tier.take_removed()
+    tier.check_integrity()
+    tier.close()
+
+
+def test_server_killed_mid_batch_then_reconnects(server: RedisServer) -> None:
+    pages = Pages(num_slots=64, payload_bytes=256 << 10)
+    tier = make(pages, server)
+    keys = [Pages.key(i) for i in range(24)]
+    assert run(tier, "store", pages.items(keys[:8])).ok == tuple(keys[:8])
+    # Freeze the server so the next batches are certainly in flight, then crash it.
+    server.pause()
+    store_job = tier.submit_store(pages.items(keys[8:], first_slot=8))
+    load_job = tier.submit_load(pages.empty(keys[:8], first_slot=40))
+    assert store_job is not None and load_job is not None
+    time.sleep(0.3)
+    assert tier.inflight() == 2
+    server.kill()
+    start = time.monotonic()
+    results = {r.job_id: r for r in tier.wait_all(30)}
+    assert time.monotonic() - start < 10, "a dead server must fail fast, not hang"
+    assert results[store_job].ok == () and len(results[store_job].failed) == 16
+    assert results[load_job].ok == () and len(results[load_job].failed) == 8
+    # nothing that failed may look like a page: the target slots were never filled
+    assert not any(pages.holds(k, 40 + i) for i, k in enumerate(keys[:8]))
+    assert tier.contains(keys) == [False] * 24  # server down: a miss, not an exception
+    errors = tier.stats().errors
+    assert errors >= 2
+    server.restart()
+    # the server came back empty: old pages are misses, never stale data
+    res = run(tier, "load", pages.empty(keys[:8], first_slot=40))
+    assert res.ok == () and len(res.failed) == 8
+    assert run(tier, "store", pages.items(keys[:4])).ok == tuple(keys[:4])
+    res = run(tier, "load", pages.empty(keys[:4], first_slot=40))
+    assert res.ok == tuple(keys[:4])
+    assert all(pages.holds(k, 40 + i) for i, k in enumerate(keys[:4]))
+    assert tier.stats().corrupt == 0
+    tier.check_integrity()
+    tier.close()
+
+
+def test_hung_server_times_out(server: RedisServer) -> None:
+    pages = Pages()
+    tier = make(pages, server, socket_timeout_s=0.5)
+    run(tier, "store", pages.items([Pages.key(0)]))
+    server.pause()
+    try:
+        start = time.monotonic()
+        res = run(tier, "load", pages.empty([Pages.key(0)], first_slot=4))
+        assert res.failed == (Pages.key(0),) and time.monotonic() - start < 5
+    finally:
+        server.resume()
+    res = run(tier, "load", pages.empty([Pages.key(0)], first_slot=4))
+    assert res.ok == (Pages.key(0),) and pages.holds(Pages.key(0), 4)
+    tier.check_integrity()
+    tier.close()
+
+
+def test_config_errors_name_the_field() -> None:
+    pages = Pages()
+    for opts, field in [
+        ({"url": "http://x"}, "tiers.r.url"),
+        ({"ttl_s": -1}, "tiers.r.ttl_s"),
+        ({"socket_timeout_s": "soon"}, "tiers.r.socket_timeout_s"),
+        ({"max_inflight": 0}, "tiers.r.max_inflight"),
+        ({"tll_s": 5}, "tiers.r.tll_s"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            make_tier("redis", "r", opts, pages.ctx)
+        assert info.value.field == field
