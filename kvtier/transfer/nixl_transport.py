@@ -1,0 +1,330 @@
+"""Move a finished request's KV blocks from a prefill instance into a decode instance (NIXL).
+
+The decode side (`KVReceiver`) registers its KV regions, listens on a TCP port and accepts a
+prefill peer only after the peer's namespace fingerprint matches; only then does it send the NIXL
+metadata that lets the peer write into its memory. The prefill side (`KVSender`) WRITEs its
+blocks into the receiver's blocks with one descriptor per tensor and contiguous block run, and
+attaches a notification naming the request, the fingerprint and the blocks. `KVReceiver.wait`
+hands blocks over only when that notification arrived and matches what was expected.
+
+Every wait has a deadline; a dead peer yields PeerGone or TransferTimeout, never a hang. UCX is
+the backend: DRAM over TCP/shared memory on CPU, VRAM over cuda_ipc/NVLink on GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import itertools
+import select
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kvtier.errors import ConfigError
+from kvtier.geometry.groups import KVCacheSpec
+from kvtier.transfer.handshake import (
+    ACCEPT,
+    HELLO,
+    REJECT,
+    FingerprintMismatch,
+    HandshakeError,
+    PeerGone,
+    PeerInfo,
+    TransferError,
+    TransferTimeout,
+    check_fingerprint,
+    notification,
+    parse_notification,
+    recv_frame,
+    send_frame,
+)
+from kvtier.transfer.registration import RegistrationPlan, TensorMemory, same_layout
+
+_POLL_S = 0.0005
+_names = itertools.count()
+
+
+def load_nixl() -> Any:
+    """The NIXL Python API module (`nixl`, else the `nixl_cu13` / `nixl_cu12` wheels)."""
+    for name in ("nixl._api", "nixl_cu13._api", "nixl_cu12._api"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise ConfigError("transport", "nixl", "the nixl package: pip install --no-deps nixl-cu12")
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    """One request's transfer: bytes moved, descriptors used, wall seconds."""
+
+    request_id: str
+    nbytes: int
+    descriptors: int
+    seconds: float
+
+
+def _one_mem_type(plan: RegistrationPlan) -> str:
+    kinds = {r.mem_type for r in plan.regions}
+    if len(kinds) != 1:
+        raise ConfigError("tensors", sorted(kinds), "all KV tensors in DRAM or all in VRAM")
+    return kinds.pop()
+
+
+class _Endpoint:
+    """A NIXL agent with this instance's KV regions registered once. Not thread-safe."""
+
+    def __init__(self, role: str, spec: KVCacheSpec, tensors: Mapping[str, TensorMemory],
+                 fingerprint: bytes, name: str | None = None, backends: Sequence[str] = ("UCX",),
+                 timeout: float = 10.0) -> None:
+        self.fingerprint = check_fingerprint(fingerprint)
+        self.plan = RegistrationPlan(spec, tensors)
+        self.tensors = dict(tensors)
+        self.mem_type = _one_mem_type(self.plan)
+        self.timeout = timeout
+        self.name = name or f"kvtier-{role}-{id(self):x}-{next(_names)}"
+        api = load_nixl()
+        self.agent = api.nixl_agent(self.name, api.nixl_agent_config(backends=list(backends)))
+        missing = [b for b in backends if b not in self.agent.backends]
+        if missing:
+            raise ConfigError("backends", missing, f"backends NIXL has: {self.agent.plugin_list}")
+        self._reg = self.agent.register_memory(
+            [(r.base, r.nbytes, r.device_id, "") for r in self.plan.regions], self.mem_type)
+        self.sock: socket.socket | None = None
+        self.peer: PeerInfo | None = None
+        self.remote_plan: RegistrationPlan | None = None
+
+    @property
+    def registered_regions(self) -> int:
+        return len(self.plan.regions)
+
+    def info(self) -> PeerInfo:
+        return PeerInfo(self.name, self.plan.spec, self.tensors)
+
+    def _adopt_peer(self, frame_doc: dict[str, Any], blob: bytes) -> None:
+        peer = PeerInfo.from_doc(frame_doc)
+        if not same_layout(self.plan.spec, peer.spec):
+            raise HandshakeError(f"{peer.agent} lays its KV cache out differently")
+        try:
+            remote_plan = RegistrationPlan(peer.spec, peer.tensors)
+            added = self.agent.add_remote_agent(blob)
+        except ConfigError as exc:
+            raise HandshakeError(f"bad tensor table from {peer.agent}: {exc}") from exc
+        except Exception as exc:  # NIXL raises its own types for bad metadata
+            raise HandshakeError(f"NIXL rejected metadata of {peer.agent}: {exc}") from exc
+        name = added.decode() if isinstance(added, bytes) else str(added)
+        if name != peer.agent:
+            self.agent.remove_remote_agent(name)
+            raise HandshakeError(f"metadata names agent {name!r}, handshake said {peer.agent!r}")
+        self.peer, self.remote_plan = peer, remote_plan
+
+    def peer_alive(self) -> bool:
+        """False once the control connection is closed (the peer exited or died)."""
+        if self.sock is None:
+            return False
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        if not readable:
+            return True
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK) != b""
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        """Drop the peer and deregister memory; safe to call twice."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.peer is not None:
+            # the peer may be gone; nothing is left to release then
+            with contextlib.suppress(Exception):
+                self.agent.remove_remote_agent(self.peer.agent)
+            self.peer = None
+        if self._reg is not None:
+            self.agent.deregister_memory(self._reg)
+            self._reg = None
+
+    def __enter__(self) -> _Endpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class KVReceiver(_Endpoint):
+    """The decode side: accepts one prefill peer and waits for its blocks."""
+
+    def __init__(self, spec: KVCacheSpec, tensors: Mapping[str, TensorMemory],
+                 fingerprint: bytes, **kwargs: Any) -> None:
+        super().__init__("decode", spec, tensors, fingerprint, **kwargs)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._pending: dict[str, dict[str, Any]] = {}
+        self.rejected = 0
+
+    def listen(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Bind the handshake port (loopback by default); return (host, port)."""
+        if (host, port) != ("127.0.0.1", 0):
+            self._listener.close()
+            self._listener = socket.create_server((host, port))
+        addr = self._listener.getsockname()
+        return str(addr[0]), int(addr[1])
+
+    def accept(self, timeout: float | None = None) -> str:
+        """Accept one prefill peer; return its agent name.
+
+        Raises FingerprintMismatch (after answering REJECT) when the peer's namespace differs,
+        HandshakeError for malformed frames, TransferTimeout when nobody comes in time.
+        """
+        self._listener.settimeout(timeout or self.timeout)
+        try:
+            conn, _ = self._listener.accept()
+        except TimeoutError as exc:
+            raise TransferTimeout("no prefill peer connected before the timeout") from exc
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            frame = recv_frame(conn, timeout or self.timeout)
+            if frame.kind != HELLO:
+                raise HandshakeError(f"expected HELLO, got frame kind {frame.kind}")
+            if frame.fingerprint != self.fingerprint:
+                self.rejected += 1
+                send_frame(conn, REJECT, self.fingerprint, {"reason": "namespace fingerprint"})
+                raise FingerprintMismatch(
+                    f"peer namespace {frame.fingerprint.hex()} != {self.fingerprint.hex()}")
+            self._adopt_peer(frame.doc, frame.blob)
+            send_frame(conn, ACCEPT, self.fingerprint, self.info().to_doc(),
+                       self.agent.get_agent_metadata())
+        except BaseException:
+            conn.close()
+            raise
+        self.sock = conn
+        assert self.peer is not None
+        return self.peer.agent
+
+    def _drain(self) -> None:
+        for msgs in self.agent.get_new_notifs().values():
+            for msg in msgs:
+                note = parse_notification(msg)
+                if note is not None:
+                    self._pending[note["req"]] = note
+
+    def wait(self, request_id: str, blocks: Mapping[int, Sequence[int]],
+             timeout: float | None = None) -> TransferReport:
+        """Block until `request_id`'s KV has landed in `blocks`; then the blocks may be used.
+
+        Raises FingerprintMismatch or TransferError when the notification does not match what
+        was expected, PeerGone when the sender died first, TransferTimeout at the deadline.
+        """
+        start = time.monotonic()
+        deadline = start + (timeout or self.timeout)
+        want = {int(g): list(ids) for g, ids in blocks.items() if len(ids)}
+        while True:
+            self._drain()
+            note = self._pending.pop(request_id, None)
+            if note is not None:
+                break
+            if not self.peer_alive():
+                raise PeerGone(f"prefill peer left before request {request_id} arrived")
+            if time.monotonic() > deadline:
+                raise TransferTimeout(f"request {request_id}: no completion before the timeout")
+            time.sleep(_POLL_S)
+        if note["fp"] != self.fingerprint:
+            raise FingerprintMismatch(f"request {request_id}: KV of namespace {note['fp'].hex()}")
+        if note["blocks"] != want:
+            raise TransferError(f"request {request_id}: blocks {note['blocks']} != {want}")
+        ndesc = len(self.plan.request_descriptors(want))
+        return TransferReport(request_id, note["bytes"], ndesc, time.monotonic() - start)
+
+
+class KVSender(_Endpoint):
+    """The prefill side: connects to a receiver and writes requests' blocks into it."""
+
+    def __init__(self, spec: KVCacheSpec, tensors: Mapping[str, TensorMemory],
+                 fingerprint: bytes, **kwargs: Any) -> None:
+        super().__init__("prefill", spec, tensors, fingerprint, **kwargs)
+
+    def connect(self, host: str, port: int, timeout: float | None = None) -> str:
+        """Handshake with a receiver; return its agent name. Raises FingerprintMismatch when
+        the receiver refuses this namespace, HandshakeError / PeerGone / TransferTimeout."""
+        wait = timeout or self.timeout
+        try:
+            sock = socket.create_connection((host, port), timeout=wait)
+        except OSError as exc:
+            raise PeerGone(f"cannot reach receiver {host}:{port}: {exc}") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            send_frame(sock, HELLO, self.fingerprint, self.info().to_doc(),
+                       self.agent.get_agent_metadata())
+            frame = recv_frame(sock, wait)
+            if frame.kind == REJECT:
+                raise FingerprintMismatch(f"receiver refused: {frame.doc.get('reason')!r}")
+            if frame.kind != ACCEPT:
+                raise HandshakeError(f"expected ACCEPT, got frame kind {frame.kind}")
+            if frame.fingerprint != self.fingerprint:
+                raise FingerprintMismatch("receiver answered with another namespace")
+            self._adopt_peer(frame.doc, frame.blob)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        assert self.peer is not None
+        return self.peer.agent
+
+    def send(self, request_id: str, src_blocks: Mapping[int, Sequence[int]],
+             dst_blocks: Mapping[int, Sequence[int]],
+             timeout: float | None = None) -> TransferReport:
+        """WRITE src_blocks into the receiver's dst_blocks ({group: ids}) and wait until done.
+
+        Raises ConfigError for bad block ids, PeerGone / TransferError / TransferTimeout when
+        the transfer fails; the receiver then never sees a completion for this request.
+        """
+        if self.peer is None or self.remote_plan is None:
+            raise TransferError("send() before connect()")
+        src = {int(g): list(ids) for g, ids in src_blocks.items() if len(ids)}
+        dst = {int(g): list(ids) for g, ids in dst_blocks.items() if len(ids)}
+        local, remote = self.plan.transfer_descriptors(src, self.remote_plan, dst)
+        nbytes = sum(d.nbytes for d in local)
+        msg = notification(request_id, self.fingerprint, dst, nbytes)
+        if not local:
+            self.agent.send_notif(self.peer.agent, msg)
+            return TransferReport(request_id, 0, 0, 0.0)
+        start = time.monotonic()
+        deadline = start + (timeout or self.timeout)
+        ldesc = self.agent.get_xfer_descs(
+            np.array(self.plan.addresses(local), dtype=np.uint64), self.mem_type)
+        rdesc = self.agent.get_xfer_descs(
+            np.array(self.remote_plan.addresses(remote), dtype=np.uint64),
+            _one_mem_type(self.remote_plan))
+        try:
+            handle = self.agent.initialize_xfer("WRITE", ldesc, rdesc, self.peer.agent, msg)
+        except Exception as exc:
+            raise TransferError(f"request {request_id}: NIXL refused the transfer: {exc}") from exc
+        try:
+            self._poll(handle, request_id, deadline)
+        finally:
+            # an aborted transfer may refuse release; the agent reaps it on close
+            with contextlib.suppress(Exception):
+                self.agent.release_xfer_handle(handle)
+        return TransferReport(request_id, nbytes, len(local), time.monotonic() - start)
+
+    def _poll(self, handle: Any, request_id: str, deadline: float) -> None:
+        try:
+            state = self.agent.transfer(handle)
+            while state == "PROC":
+                if time.monotonic() > deadline:
+                    alive = self.peer_alive()
+                    raise (TransferTimeout if alive else PeerGone)(
+                        f"request {request_id}: not done within the timeout"
+                        + ("" if alive else " (receiver gone)"))
+                time.sleep(_POLL_S)
+                state = self.agent.check_xfer_state(handle)
+        except TransferError:
+            raise
+        except Exception as exc:  # NIXL raises its own error types for backend failures
+            raise TransferError(f"request {request_id}: NIXL transfer failed: {exc}") from exc
+        if state != "DONE":
+            raise TransferError(f"request {request_id}: NIXL transfer state {state}")
