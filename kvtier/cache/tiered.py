@@ -88,7 +88,10 @@ class TieredCache:
         modes = [t.mode for t in self.config.tiers]
         self._through = [i for i, m in enumerate(modes) if m == "write_through"]
         self._demote = [i for i, m in enumerate(modes) if m == "demote"]
-        self._headroom = int(self.config.headroom * host_pool.num_slots) if self._demote else 0
+        # Demotion frees a slot only once the page is copied out, so keep some slots free ahead.
+        self._headroom = (
+            max(1, int(self.config.headroom * host_pool.num_slots)) if self._demote else 0
+        )
 
         self._lock = threading.RLock()
         self._leases: Counter[PageKey] = Counter()  # key -> leases held (== host refs)
