@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# kvtier copy engine on the GPU machine: GPU tests, threshold sweep, `kvtier bench transfer`.
+# Run from the repository root:  OUT=/some/dir bash bench/device/transfer.sh
+# Everything lands under $OUT; a summary table is printed last. Each part runs even when an
+# earlier one fails; the exit code is non-zero if any part failed (a wrong byte fails loudly).
+set -u
+OUT="${OUT:-$PWD/out-transfer}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+status=()
+fail=0
+
+part() {  # part NAME TIMEOUT CMD...
+  local name="$1" limit="$2"; shift 2
+  local t0=$SECONDS
+  echo "=== $name: $*" | tee -a "$OUT/transfer.log"
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  local rc=$?
+  tail -n 40 "$OUT/$name.txt" >> "$OUT/transfer.log"
+  status+=("$(printf '%-28s rc=%-4s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
+  [ "$rc" -ne 0 ] && fail=1
+  return 0
+}
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
+  git rev-parse --short HEAD 2>/dev/null; date -u +%FT%TZ; } > "$OUT/env.txt" 2>&1
+"$PY" -m pip install -e . --no-deps --no-build-isolation -q > "$OUT/install.txt" 2>&1 || echo "pip install -e failed (see install.txt); using PYTHONPATH" >> "$OUT/install.txt"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+part gpu-tests 120 "$PY" -m pytest -m gpu tests/transfer -q -x -p no:cacheprovider --timeout 140 -o addopts=""
+part sweep 90 "$PY" bench/device/transfer_sweep.py "$OUT"
+# the engine's "auto" path in the benches below uses the freshly measured thresholds
+if [ -s "$OUT/thresholds.json" ]; then cp "$OUT/thresholds.json" kvtier/transfer/thresholds.json; fi
+for geo in llama3-8b llama3-70b-tp4 deepseek-v3-mla llama3-70b-tp8; do
+  part "bench-$geo" 60 "$PY" -m kvtier.cli.main bench transfer --geometry "$geo" --pages 512 --reps 5 --json
+  cp "$OUT/bench-$geo.txt" "$OUT/bench-$geo.json" 2>/dev/null
+done
+
+"$PY" - "$OUT" <<'PYEOF' > "$OUT/summary.txt" 2>&1
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+print(f"{'geometry':18} {'item':>6} {'what':34} {'store':>7} {'load':>7} {'both':>7}  (GB/s; ratio to ceiling)")
+for f in sorted(out.glob("bench-*.json")):
+    try:
+        r = json.loads(f.read_text())
+    except ValueError:
+        print(f"{f.name}: no JSON (see {f.with_suffix('.txt').name})"); continue
+    m, c = r["meta"], r["ceiling"]
+    print(f"{m['geometry']:18} {m['item_bytes']:>6} {'ceiling d2h/h2d/bidir':34} {c['d2h']:7.1f} {c['h2d']:7.1f} {c['bidir']:7.1f}")
+    for name, ops in r.get("baselines", {}).items():
+        rat = r["baseline_ratios"][name]
+        cell = lambda op: f"{ops[op]:5.1f}/{rat[op]:.2f}" if op in ops else "      -"
+        print(f"{'':18} {'':>6} {name[:34]:34} {cell('store'):>7} {cell('load'):>7}")
+    for name, ops in r.get("engine", {}).items():
+        rat = r["ratios"][name]
+        cell = lambda op: f"{ops[op]:5.1f}/{rat[op]:.2f}"
+        print(f"{'':18} {'':>6} {'engine ' + name:34} {cell('store'):>7} {cell('load'):>7} {cell('both'):>7}")
+    for name, err in r.get("errors", {}).items():
+        print(f"{'':18} {'':>6} engine {name} FAILED: {err[:60]}")
+PYEOF
+cat "$OUT/summary.txt"
+echo "--- sweep (item bytes, job, op, best Triton GB/s, DMA GB/s)"
+tail -n 40 "$OUT/sweep.txt" 2>/dev/null | grep -E "^ +[0-9]|thresholds" || echo "(no sweep output)"
+echo "--- gpu tests"; tail -n 3 "$OUT/gpu-tests.txt" 2>/dev/null
+echo "--- parts"; printf '%s\n' "${status[@]}"
+exit $fail

@@ -1,0 +1,199 @@
+"""`kvtier bench transfer`: page transfers between engine KV tensors and host slots.
+
+On a GPU, in one run: the pinned contiguous memcpy ceiling (D2H, H2D, both at once), a naive
+per-page per-layer copy_ loop, index_select + staging + one DMA, one cudaMemcpyBatchAsync call,
+and the copy engine on each available path (store, load, layer-wise load, both at once), as GB/s
+and as a ratio to the ceiling. Without a GPU it measures the CPU path against a plain memcpy of
+the same bytes. `--json` prints one JSON document instead of the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+
+from kvtier.geometry.spec import PRESETS, KVGeometry, preset
+
+# Small-item geometries (4 KiB runs per layer per page): a 70B model at TP8, MLA with 4-token
+# pages. They are bench-only shapes, not model presets.
+EXTRA: dict[str, KVGeometry] = {
+    "llama3-70b-tp8": KVGeometry(80, 1, 128, 16, "bfloat16"),
+    "deepseek-v3-mla-p4": KVGeometry(61, 1, 576, 4, "bfloat16", mla=True),
+}
+
+
+def _geometry(name: str) -> KVGeometry:
+    return EXTRA[name] if name in EXTRA else preset(name)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--geometry", default="llama3-8b", choices=sorted([*PRESETS, *EXTRA]), help="KV shape"
+    )
+    parser.add_argument("--pages", type=int, default=512, help="pages per job (default 512)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
+    parser.add_argument(
+        "--paths", default="auto,triton,dma,torch", help="engine paths to measure on a GPU"
+    )
+    parser.add_argument("--cpu", action="store_true", help="measure the CPU path even on a GPU")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _meta(g: KVGeometry, name: str, pages: int) -> dict[str, Any]:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+    return {
+        "benchmark": "transfer",
+        "geometry": name,
+        "geometry_fields": g.as_dict(),
+        "pages": pages,
+        "page_bytes": g.page_bytes,
+        "item_bytes": g.chunk_bytes,
+        "device": device or platform.machine(),
+        "machine": platform.node(),
+        "torch": torch.__version__,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": _commit(),
+    }
+
+
+def run_cpu(g: KVGeometry, pages: int, reps: int) -> dict[str, Any]:
+    """The CPU path against a plain memcpy of the same bytes."""
+    from kvtier.memory.host_pool import HostPool
+    from kvtier.transfer.device_kv import DeviceKV
+    from kvtier.transfer.engine import CopyEngine
+    from kvtier.transfer.torch_path import move_dtype
+
+    nb = 2 * pages
+    move = move_dtype(g.itemsize)
+    shape = (
+        (nb, g.page_size, g.head_size)
+        if g.mla
+        else (2, nb, g.page_size, g.num_kv_heads, g.head_size)
+    )
+    layers = [torch.randint(-(2**7), 2**7, shape).to(move) for _ in range(g.num_layers)]
+    dkv = DeviceKV.from_vllm(layers, g, g.page_size)
+    pool = HostPool(nb, g.page_bytes, pin=False)
+    pool.payloads().fill_(1)  # fault the pages in before timing
+    eng = CopyEngine(dkv, pool, path="cpu")
+    perm = torch.randperm(nb)
+    blocks, slots = perm[:pages].view(-1, 1), torch.randperm(nb)[:pages].tolist()
+    n = pages * g.page_bytes
+    src = torch.empty(n, dtype=torch.uint8).fill_(3)
+    dst = torch.empty(n, dtype=torch.uint8).fill_(4)
+
+    def med(fn: Any) -> float:
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    memcpy = n / med(lambda: dst.copy_(src)) / 1e9
+    store = n / med(lambda: eng.wait(eng.submit_store(blocks, slots))) / 1e9
+    load = n / med(lambda: eng.wait(eng.submit_load(slots, blocks))) / 1e9
+    return {
+        "mode": "cpu",
+        "ceiling": {"memcpy": memcpy},
+        "engine": {"cpu": {"store": store, "load": load}},
+        "ratios": {"cpu": {"store": store / memcpy, "load": load / memcpy}},
+        "goal": {"cpu_vs_memcpy": 0.5},
+    }
+
+
+def run_gpu(g: KVGeometry, pages: int, reps: int, paths: list[str]) -> dict[str, Any]:
+    from kvtier.cli import bench_transfer_gpu as gb
+
+    st = gb.make_setup(g, pages)
+    ceil = gb.ceilings(st.nbytes, reps)
+    base = gb.baselines(st, reps)
+    engine: dict[str, dict[str, float]] = {}
+    errors: dict[str, str] = {}
+    for path in paths:
+        try:
+            engine[path] = gb.engine_rates(st, path, reps)
+        except AssertionError:
+            raise
+        except Exception as exc:  # a path missing here is reported, not fatal
+            errors[path] = f"{type(exc).__name__}: {exc}"
+    one = min(ceil["d2h"], ceil["h2d"])
+    ratios = {
+        name: {
+            "store": r["store"] / ceil["d2h"],
+            "load": r["load"] / ceil["h2d"],
+            "load_layerwise": r["load_layerwise"] / ceil["h2d"],
+            "both": r["both"] / ceil["bidir"],
+        }
+        for name, r in engine.items()
+    }
+    base_ratios = {
+        name: {op: v / (ceil["d2h"] if op == "store" else ceil["h2d"]) for op, v in r.items()}
+        for name, r in base.items()
+    }
+    return {
+        "mode": "gpu",
+        "ceiling": ceil,
+        "baselines": base,
+        "baseline_ratios": base_ratios,
+        "engine": engine,
+        "ratios": ratios,
+        "errors": errors,
+        "one_way_ceiling": one,
+    }
+
+
+def _table(res: dict[str, Any]) -> str:
+    m = res["meta"]
+    lines = [
+        f"kvtier bench transfer  {m['geometry']}  {m['pages']} pages x {m['page_bytes']} B"
+        f"  item {m['item_bytes']} B  on {m['device']}  ({m['commit']})",
+        "ceiling: " + "  ".join(f"{k} {v:.1f} GB/s" for k, v in res["ceiling"].items()),
+        f"{'what':36} {'op':15} {'GB/s':>8} {'ratio':>7}",
+    ]
+    for group, rgroup in (("baselines", "baseline_ratios"), ("engine", "ratios")):
+        for name, ops in res.get(group, {}).items():
+            label = name if group == "baselines" else f"kvtier engine [{name}]"
+            for op, v in ops.items():
+                r = res.get(rgroup, {}).get(name, {}).get(op)
+                ratio = f"{r:7.2f}" if r is not None else "      -"
+                lines.append(f"{label:36} {op:15} {v:8.2f} {ratio}")
+    for path, err in res.get("errors", {}).items():
+        lines.append(f"kvtier engine [{path}] not measured: {err}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    g = _geometry(args.geometry)
+    pages = int(args.pages)
+    if torch.cuda.is_available() and not args.cpu:
+        paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+        res = run_gpu(g, pages, args.reps, paths)
+    else:
+        res = run_cpu(g, pages, args.reps)
+    res["meta"] = _meta(g, args.geometry, pages)
+    if args.json:
+        json.dump(res, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(_table(res))
+    return 0

@@ -1,0 +1,232 @@
+"""GPU measurements for `kvtier bench transfer`: ceilings, baselines and the copy engine.
+
+Every figure is bytes moved (host side) over the median wall time of `reps` runs, each run
+bracketed by a device synchronize, so Python submit costs are included. Ratios are to the
+pinned contiguous memcpy ceiling of the same run (one direction, or both at once on two streams).
+Correctness is checked once per engine path on the full job: a wrong byte raises AssertionError.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kvtier.geometry.spec import KVGeometry
+from kvtier.memory.host_pool import HostPool
+from kvtier.transfer.device_kv import DeviceKV
+from kvtier.transfer.dma import BatchDMA
+from kvtier.transfer.engine import CopyEngine
+from kvtier.transfer.torch_path import host_planes, move_dtype
+
+
+@dataclass
+class Setup:
+    g: KVGeometry
+    pages: int
+    layers: list[torch.Tensor]
+    dkv: DeviceKV
+    pool: HostPool
+    blocks_a: torch.Tensor  # [N, 1] blocks stored
+    slots_a: torch.Tensor
+    blocks_b: torch.Tensor  # [N, 1] blocks loaded (disjoint from blocks_a)
+    slots_b: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.pages * self.g.page_bytes
+
+
+def make_setup(g: KVGeometry, pages: int, seed: int = 0) -> Setup:
+    """vLLM-style per-layer caches with 2N + 8 blocks of random data, a pinned pool of 2N slots,
+    and two disjoint random (blocks, slots) sets of N pages each."""
+    gen = torch.Generator().manual_seed(seed)
+    nb = 2 * pages + 8
+    dev = torch.device("cuda")
+    move = move_dtype(g.itemsize)
+    shape = (
+        (nb, g.page_size, g.head_size)
+        if g.mla
+        else (2, nb, g.page_size, g.num_kv_heads, g.head_size)
+    )
+    layers = []
+    for _ in range(g.num_layers):
+        t = torch.empty(shape, dtype=move, device=dev)
+        t.view(torch.uint8).random_(0, 256)
+        layers.append(t)
+    dkv = DeviceKV.from_vllm(layers, g, g.page_size)
+    pool = HostPool(2 * pages, g.page_bytes, pin=True)
+    perm = torch.randperm(nb, generator=gen)
+    sperm = torch.randperm(2 * pages, generator=gen)
+    return Setup(
+        g,
+        pages,
+        layers,
+        dkv,
+        pool,
+        perm[:pages].view(-1, 1),
+        sperm[:pages],
+        perm[pages : 2 * pages].view(-1, 1),
+        sperm[pages:],
+    )
+
+
+def timed(fn: Callable[[], object], reps: int) -> float:
+    """Median seconds of fn() between device synchronizes (after one warm-up call)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def ceilings(nbytes: int, reps: int) -> dict[str, float]:
+    """Pinned contiguous memcpy GB/s: d2h, h2d, and both at once on two streams."""
+    dev_a = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 256)
+    dev_b = torch.empty_like(dev_a)
+    host_a = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    host_b = torch.empty(nbytes, dtype=torch.uint8).pin_memory().fill_(7)
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def both() -> None:
+        with torch.cuda.stream(s1):
+            host_a.copy_(dev_a, non_blocking=True)
+        with torch.cuda.stream(s2):
+            dev_b.copy_(host_b, non_blocking=True)
+
+    out = {
+        "d2h": nbytes / timed(lambda: host_a.copy_(dev_a, non_blocking=True), reps) / 1e9,
+        "h2d": nbytes / timed(lambda: dev_b.copy_(host_b, non_blocking=True), reps) / 1e9,
+        "bidir": 2 * nbytes / timed(both, reps) / 1e9,
+    }
+    dev_c = torch.empty_like(dev_a)
+    out["device_copy"] = 2 * nbytes / timed(lambda: dev_c.copy_(dev_a), reps) / 1e9
+    return out
+
+
+def reference_blobs(st: Setup, blocks: torch.Tensor) -> torch.Tensor:
+    """Expected page blobs [N, page_bytes] (uint8, CPU) of the pages made of `blocks`."""
+    idx = blocks.reshape(-1).to("cuda")
+    parts = [p.index_select(0, idx) for p in st.dkv.planes]
+    return torch.stack(parts, dim=1).reshape(len(idx), -1).view(torch.uint8).cpu()
+
+
+def check_store(st: Setup, path: str) -> None:
+    exp = reference_blobs(st, st.blocks_a)
+    got = st.pool.payloads()[st.slots_a]
+    if not torch.equal(exp, got):
+        bad = int((exp != got).any(dim=1).sum())
+        raise AssertionError(f"store via {path}: {bad} of {st.pages} pages differ")
+
+
+def check_load(st: Setup, path: str) -> None:
+    exp = st.pool.payloads()[st.slots_b]
+    got = reference_blobs(st, st.blocks_b)
+    if not torch.equal(exp, got):
+        bad = int((exp != got).any(dim=1).sum())
+        raise AssertionError(f"load via {path}: {bad} of {st.pages} pages differ")
+
+
+def baselines(st: Setup, reps: int) -> dict[str, dict[str, float]]:
+    """GB/s of the usual ways to do the same store and load."""
+    host = host_planes(st.pool, st.dkv)
+    blocks = st.blocks_a.reshape(-1).tolist()
+    slots = st.slots_a.tolist()
+    lslots, lblocks = st.slots_b.tolist(), st.blocks_b.reshape(-1).tolist()
+    out: dict[str, dict[str, float]] = {}
+
+    def naive_store() -> None:
+        for b, s in zip(blocks, slots):
+            for p, plane in enumerate(st.dkv.planes):
+                host[s, p].copy_(plane[b].view(host.dtype), non_blocking=True)
+
+    def naive_load() -> None:
+        for b, s in zip(lblocks, lslots):
+            for p, plane in enumerate(st.dkv.planes):
+                plane[b].view(host.dtype).copy_(host[s, p], non_blocking=True)
+
+    n = st.nbytes
+    out["naive per-page per-layer copy_"] = {
+        "store": n / timed(naive_store, 1) / 1e9,
+        "load": n / timed(naive_load, 1) / 1e9,
+    }
+    stage_h = torch.empty(n, dtype=torch.uint8).pin_memory()
+    idx = st.blocks_a.reshape(-1).to("cuda")
+    lidx = st.blocks_b.reshape(-1).to("cuda")
+
+    def gather_dma() -> None:
+        staged = torch.stack([p.index_select(0, idx) for p in st.dkv.planes], dim=1)
+        stage_h.copy_(staged.view(-1).view(torch.uint8), non_blocking=True)
+
+    def dma_scatter() -> None:
+        staged = stage_h.to("cuda", non_blocking=True).view(st.pages, st.dkv.num_planes, -1)
+        for p, plane in enumerate(st.dkv.planes):
+            plane.index_copy_(0, lidx, staged[:, p].view(plane.dtype).reshape(st.pages, -1))
+
+    out["index_select + staging + DMA"] = {
+        "store": n / timed(gather_dma, reps) / 1e9,
+        "load": n / timed(dma_scatter, reps) / 1e9,
+    }
+    dma = BatchDMA.get()
+    if dma.available and dma.batched:
+        eng = CopyEngine(st.dkv, st.pool, path="dma")
+        gp = eng._gpu
+        assert gp is not None
+        dev, hst = gp.item_addresses(st.blocks_a, st.slots_a, list(range(st.dkv.num_planes)))
+        sizes = torch.full((dev.size,), st.dkv.block_bytes, dtype=torch.int64).numpy()
+        stream = torch.cuda.Stream()
+
+        def one_batch() -> None:
+            dma.copy(hst, dev, sizes, stream.cuda_stream)
+            stream.synchronize()
+
+        out["one cudaMemcpyBatchAsync call"] = {"store": n / timed(one_batch, reps) / 1e9}
+    return out
+
+
+def engine_rates(st: Setup, path: str, reps: int) -> dict[str, float]:
+    """GB/s of the engine (store, load, layer-wise load, both at once), correctness-checked."""
+    eng = CopyEngine(st.dkv, st.pool, path=path)
+    n = st.nbytes
+
+    def store() -> None:
+        eng.wait(eng.submit_store(st.blocks_a, st.slots_a.tolist()))
+
+    def load() -> None:
+        eng.wait(eng.submit_load(st.slots_b.tolist(), st.blocks_b))
+
+    def load_layers() -> None:
+        job = eng.submit_load(st.slots_b.tolist(), st.blocks_b, layerwise=True)
+        for layer in range(st.g.num_layers):
+            eng.wait_layer(job, layer)
+        eng.wait(job)
+
+    def both() -> None:
+        a = eng.submit_store(st.blocks_a, st.slots_a.tolist())
+        b = eng.submit_load(st.slots_b.tolist(), st.blocks_b)
+        eng.wait(a)
+        eng.wait(b)
+
+    st.pool.payloads()[st.slots_a] = 0xA5  # poison what the store must overwrite
+    out = {"store": n / timed(store, reps) / 1e9}
+    check_store(st, path)
+    st.pool.payloads()[st.slots_b] = torch.randint(
+        0, 256, (st.pages, st.g.page_bytes), dtype=torch.uint8
+    )
+    for plane in st.dkv.planes:
+        plane[st.blocks_b.reshape(-1).to("cuda")] = 0  # poison what the load must overwrite
+    out["load"] = n / timed(load, reps) / 1e9
+    check_load(st, path)
+    out["load_layerwise"] = n / timed(load_layers, reps) / 1e9
+    out["both"] = 2 * n / timed(both, reps) / 1e9
+    check_store(st, path)
+    check_load(st, path)
+    eng.close()
+    return out

@@ -1,0 +1,282 @@
+"""The copy engine: asynchronous page stores (device -> host slots) and loads (host -> device).
+
+A job moves whole pages: page i is made of the engine blocks `blocks[i]` (page_size //
+block_size of them) and lives in host slot `slots[i]` as a canonical PAGE_FIRST payload.
+
+Ordering on a GPU. A store runs on the engine's store stream, which first waits on an event
+recorded on the caller's current stream at submit: it never reads a block the compute stream is
+still writing. A load runs on a separate load stream (stores and loads overlap: PCIe is full
+duplex), also ordered after the caller's stream at submit so it never overwrites a block still
+being read. Nothing may read a loaded block before the load lands: `wait_layer` / `wait` make
+the caller's current stream wait for it (per layer for `layerwise=True` loads, so layer i+1 lands
+while layer i computes).
+
+On the CPU (path "cpu") jobs run synchronously inside submit; the job API is the same.
+A copy that fails at run time completes as `success=False` (the cache above counts a miss and
+never serves that page); it is logged once per distinct error, never raised from poll/wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from kvtier.errors import ConfigError
+from kvtier.memory.host_pool import HostPool
+from kvtier.transfer.device_kv import DeviceKV
+from kvtier.transfer.gpu_paths import GPUPaths
+from kvtier.transfer.thresholds import Thresholds
+from kvtier.transfer.torch_path import host_planes, load_cpu, store_cpu
+
+log = logging.getLogger(__name__)
+
+ENGINE_PATHS = ("auto", "cpu", "torch", "triton", "dma")
+
+
+class TransferResult(NamedTuple):
+    job_id: int
+    op: str
+    success: bool
+    nbytes: int
+    seconds: float
+
+
+@dataclass
+class _Job:
+    job_id: int
+    op: str
+    nbytes: int
+    path: str
+    start: torch.cuda.Event | None = None
+    done: torch.cuda.Event | None = None
+    layer_events: list[torch.cuda.Event] = field(default_factory=list)
+    keep: list[object] = field(default_factory=list)
+    error: str | None = None
+    t0: float = 0.0
+
+
+class CopyEngine:
+    """Moves pages between `device_kv` and `host_pool` slots. Thread-safe (one internal lock).
+
+    `path`: "auto" (CPU tensors: "cpu"; GPU: Triton or batched DMA per job by the measured
+    thresholds, torch when neither is available), or one of "cpu", "torch", "triton", "dma".
+    Raises ConfigError when the path cannot run here or the pool does not fit the geometry.
+    """
+
+    def __init__(
+        self,
+        device_kv: DeviceKV,
+        host_pool: HostPool,
+        *,
+        path: str = "auto",
+        thresholds: Thresholds | None = None,
+    ) -> None:
+        if path not in ENGINE_PATHS:
+            raise ConfigError("transfer.path", path, ENGINE_PATHS)
+        g = device_kv.geometry
+        if host_pool.payload_bytes != g.page_bytes:
+            raise ConfigError(
+                "host.payload_bytes", host_pool.payload_bytes, f"page_bytes {g.page_bytes}"
+            )
+        self.dkv = device_kv
+        self.pool = host_pool
+        self.on_gpu = device_kv.device.type == "cuda"
+        if not self.on_gpu and path not in ("auto", "cpu"):
+            raise ConfigError("transfer.path", path, "'auto' or 'cpu' for CPU tensors")
+        if self.on_gpu and path == "cpu":
+            raise ConfigError("transfer.path", path, "a GPU path for CUDA tensors")
+        if self.on_gpu and not host_pool.pinned:
+            raise ConfigError("host.pin", False, "a pinned host pool for GPU transfers")
+        self.path = "cpu" if not self.on_gpu else path
+        self._host = host_planes(host_pool, device_kv)
+        self._lock = threading.Lock()
+        self._next_id = 1
+        self._pending: dict[int, _Job] = {}
+        self._finished: dict[int, TransferResult] = {}
+        self._logged: set[str] = set()
+        self._gpu: GPUPaths | None = None
+        if self.on_gpu:
+            self._gpu = GPUPaths(device_kv, host_pool, thresholds or Thresholds.read())
+            if path not in ("auto", "torch") and not self._gpu.available(path):
+                raise ConfigError("transfer.path", path, "an available path (triton/dma/torch)")
+            dev = device_kv.device
+            self._store_stream = torch.cuda.Stream(dev)
+            self._load_stream = torch.cuda.Stream(dev)
+
+    # -- inputs ------------------------------------------------------------------------------
+    def _normalize(
+        self, blocks: Sequence[Sequence[int]] | torch.Tensor, slots: Sequence[int], write: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.dkv.blocks_per_page
+        slot_t = torch.as_tensor(list(slots) if not isinstance(slots, torch.Tensor) else slots)
+        slot_t = slot_t.to(device="cpu", dtype=torch.int64).reshape(-1)
+        if isinstance(blocks, torch.Tensor):
+            blk = blocks.to(device="cpu", dtype=torch.int64)
+        else:
+            blk = torch.tensor([list(b) for b in blocks], dtype=torch.int64)
+        if blk.numel() != slot_t.numel() * n:
+            raise ValueError(f"{slot_t.numel()} pages need {n} blocks each, got {blk.numel()}")
+        blk = blk.reshape(slot_t.numel(), n)
+        if slot_t.numel():
+            if int(slot_t.min()) < 0 or int(slot_t.max()) >= self.pool.num_slots:
+                raise ValueError(f"slot out of range [0, {self.pool.num_slots})")
+            if int(blk.min()) < 0 or int(blk.max()) >= self.dkv.num_blocks:
+                raise ValueError(f"block out of range [0, {self.dkv.num_blocks})")
+            dup = slot_t if write else blk.reshape(-1)
+            if torch.unique(dup).numel() != dup.numel():
+                raise ValueError("a job must not write the same slot or block twice")
+        return blk, slot_t
+
+    # -- submit ------------------------------------------------------------------------------
+    def submit_store(
+        self, blocks: Sequence[Sequence[int]] | torch.Tensor, slots: Sequence[int]
+    ) -> int:
+        """Copy the pages made of `blocks` into host slots `slots` (blocks[i] -> slots[i]).
+        Returns the job id. Raises ValueError on malformed or out-of-range input."""
+        blk, sl = self._normalize(blocks, slots, write=True)
+        planes = list(range(self.dkv.num_planes))
+        return self._submit("store", blk, sl, [planes])
+
+    def submit_load(
+        self,
+        slots: Sequence[int],
+        blocks: Sequence[Sequence[int]] | torch.Tensor,
+        *,
+        layerwise: bool = False,
+    ) -> int:
+        """Copy host slots `slots` into the engine blocks `blocks` (slots[i] -> blocks[i]).
+        With `layerwise`, layer l completes as its own step (see wait_layer)."""
+        blk, sl = self._normalize(blocks, slots, write=False)
+        g = self.dkv.geometry
+        if layerwise and self.on_gpu:
+            groups = [self.dkv.write_planes(range(lay, lay + 1)) for lay in range(g.num_layers)]
+        else:
+            groups = [self.dkv.write_planes()]
+        return self._submit("load", blk, sl, groups)
+
+    def _new_id(self) -> int:
+        with self._lock:
+            job_id = self._next_id
+            self._next_id += 1
+            return job_id
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        job.error = f"{type(exc).__name__}: {exc}"
+        key = f"{job.op}:{job.path}:{type(exc).__name__}"
+        if key not in self._logged:
+            self._logged.add(key)
+            log.warning("kvtier copy %s via %s failed: %s", job.op, job.path, job.error)
+
+    def _submit(self, op: str, blk: torch.Tensor, sl: torch.Tensor, groups: list[list[int]]) -> int:
+        job_id = self._new_id()
+        chunk_bytes = self.dkv.blocks_per_page * self.dkv.block_bytes
+        nbytes = int(sl.numel()) * sum(len(gr) for gr in groups) * chunk_bytes
+        if self._gpu is None:
+            job = _Job(job_id, op, nbytes, "cpu", t0=time.perf_counter())
+            try:
+                if op == "store":
+                    store_cpu(self.dkv, self._host, blk, sl)
+                else:
+                    load_cpu(self.dkv, self._host, sl, blk, groups[0])
+            except Exception as exc:  # a run-time fault becomes a failed job, never a crash
+                self._fail(job, exc)
+            result = TransferResult(
+                job_id, op, job.error is None, nbytes, time.perf_counter() - job.t0
+            )
+            with self._lock:
+                self._finished[job_id] = result
+            return job_id
+        path = self.path if self.path != "auto" else self._gpu.choose(op, int(sl.numel()))
+        job = _Job(job_id, op, nbytes, path, t0=time.perf_counter())
+        stream = self._store_stream if op == "store" else self._load_stream
+        dev = self.dkv.device
+        with torch.cuda.device(dev):
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(dev))
+            stream.wait_event(ready)
+            with torch.cuda.stream(stream):
+                job.start = torch.cuda.Event(enable_timing=True)
+                job.start.record(stream)
+                try:
+                    for planes in groups:
+                        job.keep += self._gpu.run(op, path, blk, sl, planes, self._host)
+                        if len(groups) > 1:
+                            ev = torch.cuda.Event()
+                            ev.record(stream)
+                            job.layer_events.append(ev)
+                except Exception as exc:
+                    self._fail(job, exc)
+                job.done = torch.cuda.Event(enable_timing=True)
+                job.done.record(stream)
+        with self._lock:
+            self._pending[job_id] = job
+        return job_id
+
+    # -- completion --------------------------------------------------------------------------
+    def _result(self, job: _Job) -> TransferResult:
+        seconds = time.perf_counter() - job.t0
+        if job.start is not None and job.done is not None:
+            with contextlib.suppress(RuntimeError):
+                seconds = job.start.elapsed_time(job.done) / 1e3
+        return TransferResult(job.job_id, job.op, job.error is None, job.nbytes, seconds)
+
+    def poll(self) -> list[TransferResult]:
+        """Jobs finished since the last poll (or wait), each reported once, by job id."""
+        with self._lock:
+            out = list(self._finished.values())
+            self._finished.clear()
+            for job_id, job in list(self._pending.items()):
+                if job.done is None or job.done.query():
+                    del self._pending[job_id]
+                    out.append(self._result(job))
+        return sorted(out, key=lambda r: r.job_id)
+
+    def wait_layer(self, job_id: int, layer: int) -> None:
+        """Make the caller's current CUDA stream wait until layer `layer` of load `job_id` has
+        landed (the whole job for non-layerwise loads). Returns at once; no-op on the CPU and
+        for jobs already reported finished."""
+        with self._lock:
+            job = self._pending.get(job_id)
+        if job is None or job.done is None:
+            return
+        ev = job.layer_events[layer] if job.layer_events else job.done
+        torch.cuda.current_stream(self.dkv.device).wait_event(ev)
+
+    def wait(self, job_id: int, timeout: float | None = None) -> TransferResult:
+        """Block until job `job_id` finishes and return its result (it is then not returned by
+        poll). The caller's current stream is also ordered after the job. Raises KeyError for
+        an unknown or already reported job, TimeoutError when `timeout` seconds pass first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            if job_id in self._finished:
+                return self._finished.pop(job_id)
+            job = self._pending.get(job_id)
+        if job is None:
+            raise KeyError(f"no pending transfer job {job_id}")
+        assert job.done is not None
+        if deadline is None:
+            job.done.synchronize()
+        else:
+            while not job.done.query():
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"transfer job {job_id} still running after {timeout}s")
+                time.sleep(50e-6)
+        torch.cuda.current_stream(self.dkv.device).wait_event(job.done)
+        with self._lock:
+            self._pending.pop(job_id, None)
+        return self._result(job)
+
+    def close(self) -> None:
+        """Wait for every job in flight; pending results stay available to poll."""
+        with self._lock:
+            jobs = list(self._pending.values())
+        for job in jobs:
+            if job.done is not None:
+                job.done.synchronize()

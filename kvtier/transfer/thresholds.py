@@ -1,0 +1,73 @@
+"""Path-choice thresholds of the copy engine, measured on the GPU and committed as JSON.
+
+`thresholds.json` (next to this file) is written by the threshold sweep of
+`bench/device/transfer.sh`. For each direction it holds rules, tried in order:
+`{"max_items": M, "dma_min_item_bytes": B}` means "for a job of at most M items (None: any
+count), use batched DMA when an item (one contiguous run) is at least B bytes (None: never),
+else the Triton kernel". `triton` holds the kernel's tile (bytes per program) and warps.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvtier.errors import ConfigError
+
+DEFAULT_PATH = Path(__file__).with_name("thresholds.json")
+
+
+@dataclass(frozen=True)
+class Rule:
+    max_items: int | None
+    dma_min_item_bytes: int | None
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    store: tuple[Rule, ...]
+    load: tuple[Rule, ...]
+    triton_block_bytes: int = 16384
+    triton_num_warps: int = 4
+    measured: bool = False
+
+    def use_dma(self, op: str, item_bytes: int, items: int) -> bool:
+        """True when batched DMA should move `items` runs of `item_bytes` for `op`."""
+        for rule in self.store if op == "store" else self.load:
+            if rule.max_items is None or items <= rule.max_items:
+                limit = rule.dma_min_item_bytes
+                return limit is not None and item_bytes >= limit
+        return False
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Thresholds:
+        def rules(name: str) -> tuple[Rule, ...]:
+            raw = data.get(name, [])
+            if not isinstance(raw, list):
+                raise ConfigError(f"thresholds.{name}", raw, "a list of rules")
+            return tuple(Rule(r.get("max_items"), r.get("dma_min_item_bytes")) for r in raw)
+
+        triton = data.get("triton") or {}
+        if not isinstance(triton, dict):
+            raise ConfigError("thresholds.triton", triton, "an object")
+        block = int(triton.get("block_bytes", 16384))
+        if block <= 0 or block & (block - 1):
+            raise ConfigError("thresholds.triton.block_bytes", block, "a power of two")
+        return cls(
+            rules("store"),
+            rules("load"),
+            block,
+            int(triton.get("num_warps", 4)),
+            bool(data.get("measured", False)),
+        )
+
+    @classmethod
+    def read(cls, path: str | Path | None = None) -> Thresholds:
+        """Thresholds from `path` (default: the committed thresholds.json)."""
+        p = Path(path) if path is not None else DEFAULT_PATH
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError("thresholds", str(p), f"a readable JSON file ({exc})") from None
+        return cls.from_dict(data)

@@ -1,0 +1,118 @@
+# mypy: disable-error-code="no-untyped-def"
+"""Triton kernels: page copies straight between device blocks and mapped pinned host memory,
+and layout conversion on the device.
+
+Importing this module needs `triton`; the copy engine imports it lazily and falls back to DMA or
+torch when it is missing. Both kernels also run under `TRITON_INTERPRET=1` on CPU tensors, which
+is how the CPU test suite checks their index arithmetic.
+
+Copy kernel. Every (page, plane, block-of-page) triple is one *item*: `ITEM` contiguous elements
+on the device (one row of one plane) and `ITEM` contiguous elements in the page blob. One launch
+covers every page and plane of a job (or of one layer, for layer-wise loads); each program copies
+`BLOCK` elements of one item. Pinned host memory is UVA-mapped, so a device thread's load or store
+to it becomes a PCIe transaction with no staging buffer and no DMA engine. Offsets are in
+elements relative to two base pointers (a device tensor, the host pool tensor); `ALIGN` tells the
+compiler that every offset is a multiple of ALIGN elements, which with a 16-byte ALIGN gives
+16-byte vector loads and stores (what keeps enough bytes in flight to fill PCIe).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def copy_items_kernel(
+    dev_base,
+    host_base,
+    plane_off,
+    plane_stride,
+    plane_ids,
+    blocks,
+    slot_off,
+    n_planes_job,
+    N_SUB: tl.constexpr,
+    ITEM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGN: tl.constexpr,
+    TO_HOST: tl.constexpr,
+):
+    """dev_base/host_base: pointers of the movement dtype; plane_off[p], plane_stride[p]: element
+    offset of row 0 of plane p from dev_base and the row stride; plane_ids[k]: the planes this
+    launch copies; blocks[i * N_SUB + j]: engine block j of page i; slot_off[i]: element offset
+    of page i's payload from host_base. Grid: pages * n_planes_job * N_SUB * cdiv(ITEM, BLOCK)."""
+    CHUNKS: tl.constexpr = (ITEM + BLOCK - 1) // BLOCK
+    pid = tl.program_id(0).to(tl.int64)
+    chunk = pid % CHUNKS
+    item = pid // CHUNKS
+    j = item % N_SUB
+    rest = item // N_SUB
+    k = rest % n_planes_job
+    page = rest // n_planes_job
+    p = tl.load(plane_ids + k)
+    blk = tl.load(blocks + page * N_SUB + j)
+    d_off = tl.load(plane_off + p) + blk * tl.load(plane_stride + p)
+    h_off = tl.load(slot_off + page) + (p * N_SUB + j) * ITEM
+    d_off = tl.multiple_of(d_off, ALIGN)
+    h_off = tl.multiple_of(h_off, ALIGN)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    if ITEM % BLOCK == 0:
+        if TO_HOST:
+            x = tl.load(dev_base + d_off + offs)
+            tl.store(host_base + h_off + offs, x)
+        else:
+            x = tl.load(host_base + h_off + offs)
+            tl.store(dev_base + d_off + offs, x)
+    else:
+        mask = offs < ITEM
+        if TO_HOST:
+            x = tl.load(dev_base + d_off + offs, mask=mask)
+            tl.store(host_base + h_off + offs, x, mask=mask)
+        else:
+            x = tl.load(host_base + h_off + offs, mask=mask)
+            tl.store(dev_base + d_off + offs, x, mask=mask)
+
+
+@triton.jit
+def permute_rows_kernel(
+    src,
+    dst,
+    n_rows,
+    s1,
+    s2,
+    s3,
+    s4,
+    s5,
+    t0,
+    t1,
+    t2,
+    t3,
+    t4,
+    t5,
+    ROW: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    """dst is dense; its rows of ROW elements are numbered in dst order, and row r splits into
+    six indices (i0..i5) over the sizes (., s1..s5), outermost first. Row r is read from
+    src + sum(i_a * t_a) (element strides of src for the same axes). Grid: cdiv(n_rows, ROWS)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    rmask = rows < n_rows
+    r = rows
+    i5 = r % s5
+    r = r // s5
+    i4 = r % s4
+    r = r // s4
+    i3 = r % s3
+    r = r // s3
+    i2 = r % s2
+    r = r // s2
+    i1 = r % s1
+    i0 = r // s1
+    src_off = i0 * t0 + i1 * t1 + i2 * t2 + i3 * t3 + i4 * t4 + i5 * t5
+    src_off = tl.multiple_of(src_off, ROW)
+    cols = tl.arange(0, ROW)
+    mask = rmask[:, None]
+    x = tl.load(src + src_off[:, None] + cols[None, :], mask=mask)
+    tl.store(dst + rows[:, None] * ROW + cols[None, :], x, mask=mask)
