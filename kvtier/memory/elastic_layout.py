@@ -109,15 +109,17 @@ class ElasticLayout:
 class PoolLimits:
     """What a pool may map. `total` caps all devices together (None: only physical memory);
     `shared` lists the peer GPUs the pool may grow onto, in placement order, each with its own
-    byte budget. The local GPU is bounded by `total` and its physical memory."""
+    byte budget; `local` optionally caps the local GPU alone (None: bounded by `total` and its
+    physical memory)."""
 
     total: int | None = None
     shared: tuple[tuple[int, int], ...] = ()
+    local: int | None = None
 
     def budget(self, device: int, local: int) -> int | None:
         """Byte budget for `device` (None: unlimited), 0 if the pool may not use it."""
         if device == local:
-            return self.total
+            return self.local
         for gpu, nbytes in self.shared:
             if gpu == device:
                 return nbytes

@@ -62,6 +62,15 @@ def test_placement_local_then_peers_in_order() -> None:
     assert handle is not None and be.handle_device(handle) == 1
 
 
+def test_local_budget_sends_pages_to_the_peer() -> None:
+    _, pool = make([100 * SLOT, 100 * SLOT], PoolLimits(None, ((1, 2 * SLOT),), local=SLOT))
+    blocks = pool.alloc(48)
+    assert [pool.device_of(b) for b in blocks[::16]] == [0, 1, 1]
+    with pytest.raises(CapacityError):
+        pool.alloc(1)
+    pool.check_integrity()
+
+
 def test_total_limit_and_unlisted_peer() -> None:
     _, pool = make([100 * SLOT, 100 * SLOT], PoolLimits(3 * SLOT))
     pool.alloc(48)
