@@ -130,9 +130,10 @@ class DeviceKV:
         cls, layer_tensors: Sequence[torch.Tensor], geometry: KVGeometry, block_size: int
     ) -> DeviceKV:
         """vLLM per-layer caches: `[2, num_blocks, block_size, H, D]`, the
-        `[num_blocks, 2, block_size, H, D]` order of some backends (told apart by shape, then by
-        strides when num_blocks == 2), or MLA `[num_blocks, block_size, D]`. Several layers may
-        pass the same tensor (hybrid allocator); they become aliased planes."""
+        `[num_blocks, 2, block_size, H, D]` order of some backends (told apart by shape), or MLA
+        `[num_blocks, block_size, D]`. Any strides whose blocks are dense `[block_size, H, D]`
+        work (e.g. a kv-first view of block-major memory). Several layers may pass the same
+        tensor (hybrid allocator); they become aliased planes."""
         g = geometry
         if len(layer_tensors) != g.num_layers:
             raise ConfigError("num_layers", len(layer_tensors), f"{g.num_layers} layer tensors")
@@ -150,7 +151,9 @@ class DeviceKV:
             inner = (block_size, g.num_kv_heads, g.head_size)
             if t.dim() != 5 or tuple(t.shape[2:]) != inner:
                 raise ConfigError("kv_tensors", tuple(t.shape), f"[2, blocks, *{inner}]")
-            kv_first = t.shape[0] == 2 and (t.shape[1] != 2 or t.stride(0) >= t.stride(1))
+            # The shape says which axis is K/V (the strides only say where it lives); with
+            # exactly two blocks the shape cannot tell, and vLLM's default kv-first is taken.
+            kv_first = t.shape[0] == 2
             if not kv_first and t.shape[1] != 2:
                 raise ConfigError("kv_tensors", tuple(t.shape), f"[2, blocks, *{inner}]")
             planes.extend((t[0], t[1]) if kv_first else (t[:, 0], t[:, 1]))
