@@ -6,12 +6,18 @@ namespace directory keeps models that share a disk apart: a restart only scans (
 cleans) its own namespace's files, and the budget covers them.
 
 Writes go to a temporary name and are renamed into place, so a crash never leaves a half
-written file under a page's name; with `fsync: true` the data is flushed before the rename and
-each touched directory once per batch. Without it a power loss can lose recent pages or leave a
-torn one, which the checksum turns into a counted miss on load - never wrong KV.
+written file under a page's name; with `fsync: true` each file's data is flushed before its
+rename. Directories are not fsynced: a power loss may undo the latest renames, which only loses
+those pages (their temporary files are removed by the next start). Without `fsync` a power loss
+can also leave a torn file, which the checksum turns into a counted miss on load - never wrong
+KV.
 
-I/O runs on the ThreadedTier pool: files are written straight from the host slot and read
-straight into it (os.write / os.preadv on the slot's memoryview; no intermediate buffer).
+I/O runs on the ThreadedTier pool (4 threads by default: measured faster than 2, as fsyncs
+and reads overlap): files are written straight from the host slot and read straight into it
+(os.write / os.preadv on the slot's memoryview; no intermediate buffer). A load first asks the
+kernel to read every file of its batch ahead (POSIX_FADV_WILLNEED), which measured faster than
+reading them one by one. O_DIRECT is not used: it needs 4 KiB-multiple lengths and a blob
+(64-byte header + payload) rarely is one; io_uring has no maintained binding in the stdlib.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ log = logging.getLogger("kvtier.tiers.disk")
 
 _TMP = ".tmp"
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", 0)
 
 
 class DiskTier(ThreadedTier):
@@ -57,7 +64,7 @@ class DiskTier(ThreadedTier):
         *,
         policy: str = "lru",
         fsync: bool = False,
-        threads: int = 2,
+        threads: int = 4,
         max_inflight: int = 8,
     ) -> None:
         super().__init__(name, ctx, threads=threads, max_inflight=max_inflight)
@@ -152,8 +159,6 @@ class DiskTier(ThreadedTier):
                     done.append(i)
                 except OSError as exc:
                     self._fault("write", exc)
-            if self.fsync and done:
-                self._sync_dirs({os.path.dirname(self._path(items[i][0])) for i in done})
         finally:
             with self._index_lock:
                 self._reserved -= len(todo)
@@ -183,15 +188,6 @@ class DiskTier(ThreadedTier):
         os.close(fd)
         os.rename(tmp, final)
 
-    @staticmethod
-    def _sync_dirs(dirs: set[str]) -> None:
-        for d in dirs:
-            fd = os.open(d, os.O_RDONLY | _O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
     def _load_batch(self, items: Sequence[Item]) -> list[bool]:
         with self._index_lock:
             present = [key in self._policy for key, _ in items]
@@ -204,8 +200,9 @@ class DiskTier(ThreadedTier):
         short: list[PageKey] = []
         vanished: list[PageKey] = []
         extra = bytearray(1)  # a read that fills this too means the file is too long
+        fds: list[int | None] = [None] * len(items)
         try:
-            for i, (key, buf) in enumerate(items):
+            for i, (key, _) in enumerate(items):
                 if not present[i]:
                     continue
                 try:
@@ -216,6 +213,14 @@ class DiskTier(ThreadedTier):
                 except OSError as exc:
                     self._fault("open", exc)
                     continue
+                fds[i] = fd
+                if _WILLNEED:  # queue the whole batch's reads at once: the device sees depth
+                    os.posix_fadvise(fd, 0, 0, _WILLNEED)
+            for i, (key, buf) in enumerate(items):
+                fd = fds[i]
+                if fd is None:
+                    continue
+                fds[i] = None
                 try:
                     n = os.preadv(fd, [buf, extra], 0)
                 except OSError as exc:
@@ -228,6 +233,9 @@ class DiskTier(ThreadedTier):
                 else:
                     short.append(key)
         finally:
+            for fd in fds:
+                if fd is not None:
+                    os.close(fd)
             with self._index_lock:
                 for (key, _), here in zip(items, present):
                     if here:
@@ -308,7 +316,7 @@ def make_disk_tier(name: str, options: Mapping[str, Any], ctx: TierContext) -> D
     budget = o.size("budget", "8GiB", minimum=ctx.blob_bytes)
     policy = o.choice("policy", "lru", sorted(POLICIES))
     fsync = o.boolean("fsync", False)
-    threads = o.integer("threads", 2)
+    threads = o.integer("threads", 4)  # measured: 4 beats 2 (fsyncs and reads overlap)
     max_inflight = o.integer("max_inflight", 8)
     o.finish()
     return DiskTier(

@@ -1,0 +1,180 @@
+"""Measurements for `kvtier bench tiers`: each tier next to its raw client, in one run.
+
+Every pass moves the same pages (sealed blobs in a host pool) and reports bytes per second of
+wall time; the best of `repeat` passes counts. Disk reads start cold: the files are dropped from
+the page cache (posix_fadvise DONTNEED, no root needed) before each read pass.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvtier.keys import write_header
+from kvtier.memory.host_pool import HostPool
+from kvtier.tiers.base import Item, ThreadedTier, TierContext
+
+SEQ_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class Row:
+    tier: str
+    op: str  # store | load
+    pages: int
+    blob_bytes: int
+    tier_gbs: float
+    raw_gbs: float  # the same store through its own client, same pages, same run
+    raw_what: str
+    seq_gbs: float | None = None  # disk only: sequential I/O of the same bytes
+
+    @property
+    def ratio(self) -> float:
+        return self.tier_gbs / self.raw_gbs if self.raw_gbs else 0.0
+
+    @property
+    def seq_ratio(self) -> float | None:
+        return None if not self.seq_gbs else self.tier_gbs / self.seq_gbs
+
+
+class Pages:
+    """`n` sealed pages in slots [0, n) and n load targets in slots [n, 2n) of one pool."""
+
+    def __init__(self, n: int, payload_bytes: int, fingerprint: bytes) -> None:
+        self.n = n
+        self.pool = HostPool(2 * n, payload_bytes, pin=False)
+        self.ctx = TierContext(fingerprint, payload_bytes)
+        self.keys = [os.urandom(16) for _ in range(n)]
+        noise = os.urandom(payload_bytes)
+        for i, key in enumerate(self.keys):
+            payload = self.pool.blob(i)[64:]
+            payload[:] = noise
+            payload[:16] = key  # pages differ, so a mixed-up load fails its checksum
+            write_header(self.pool.blob(i), fingerprint, key, payload_bytes, seal=True)
+
+    @property
+    def blob_bytes(self) -> int:
+        return self.ctx.blob_bytes
+
+    @property
+    def total(self) -> int:
+        return self.n * self.blob_bytes
+
+    def sources(self) -> list[Item]:
+        return [(k, self.pool.blob(i)) for i, k in enumerate(self.keys)]
+
+    def targets(self) -> list[Item]:
+        return [(k, self.pool.blob(self.n + i)) for i, k in enumerate(self.keys)]
+
+    def check_loaded(self) -> None:
+        for i in range(self.n):
+            if bytes(self.pool.blob(self.n + i)) != bytes(self.pool.blob(i)):
+                raise AssertionError(f"page {i} loaded wrong bytes")
+
+    def scrub_targets(self) -> None:
+        self.pool.tensor[self.n :].fill_(0)
+
+
+def np_addr(buf: memoryview) -> int:
+    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
+
+
+def batches(items: Sequence[Item], size: int) -> list[list[Item]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def best_gbs(nbytes: int, fn: Callable[[], None], repeat: int,
+             before: Callable[[], None] | None = None) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        if before is not None:
+            before()
+        best = min(best, timed(fn))
+    return nbytes / best / 1e9
+
+
+def tier_pass(tier: ThreadedTier, op: str, items: Sequence[Item], batch: int) -> None:
+    """Submit every batch (retrying on back-pressure), wait, and fail loudly on any failed key."""
+    submit = tier.submit_store if op == "store" else tier.submit_load
+    queue = batches(items, batch)
+    failed = 0
+    while queue or tier.inflight():
+        while queue and submit(queue[0]) is not None:
+            queue.pop(0)
+        for result in tier.poll():
+            failed += len(result.failed)
+        time.sleep(0.0002)
+    for result in tier.poll():
+        failed += len(result.failed)
+    if failed:
+        raise AssertionError(f"tier {tier.name}: {failed} of {len(items)} pages failed to {op}")
+
+
+def drop_page_cache(paths: Sequence[str]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def files_under(root: str) -> list[str]:
+    return [os.path.join(d, f) for d, _, names in os.walk(root) for f in names]
+
+
+# -- raw disk ---------------------------------------------------------------------------------
+def raw_files_store(directory: str, items: Sequence[Item]) -> None:
+    """One file per page, written and fsynced: the raw equivalent of the tier's writes."""
+    for key, buf in items:
+        fd = os.open(os.path.join(directory, key.hex()), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            view = memoryview(buf)
+            done = 0
+            while done < len(view):
+                done += os.write(fd, view[done:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def raw_files_load(directory: str, items: Sequence[Item]) -> None:
+    for key, buf in items:
+        fd = os.open(os.path.join(directory, key.hex()), os.O_RDONLY)
+        try:
+            if os.preadv(fd, [buf], 0) != len(buf):
+                raise AssertionError("short read")
+        finally:
+            os.close(fd)
+
+
+def seq_write(path: str, nbytes: int, chunk: memoryview) -> None:
+    """dd-like: one file, large sequential writes, one fsync at the end."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        left = nbytes
+        while left > 0:
+            left -= os.write(fd, chunk[: min(left, len(chunk))])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def seq_read(path: str, chunk: memoryview) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while os.readv(fd, [chunk]) > 0:
+            pass
+    finally:
+        os.close(fd)
