@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from kvtier.cache import TieredCache  # noqa: E402
 from kvtier.integrations.transformers import KVTierCache, namespace_for  # noqa: E402
+from kvtier.integrations.transformers.cost import CostModel  # noqa: E402
 
 PAGE = 16
 
@@ -66,6 +67,7 @@ def _prefill(
         out = model(
             input_ids=ids[:, hit:], past_key_values=cache, cache_position=pos, use_cache=True
         )
+    cache.flush()  # store the prompt's new pages (generate does this on its first decode step)
     return out.logits[:, -1], counter.tokens - before
 
 
@@ -97,6 +99,7 @@ def test_hit_matches_recompute_and_skips_prefix(make: Any, tmp_path: Path) -> No
         with torch.no_grad():
             ref2 = model(input_ids=ids2, past_key_values=plain).logits[:, -1]
         torch.testing.assert_close(got2, ref2, rtol=1e-4, atol=1e-4)
+        tiered.drain()
         assert tiered.pins() == 0
         tiered.check_integrity()
     finally:
@@ -115,10 +118,39 @@ def test_generate_with_hit_equals_generate_without(make: Any, tmp_path: Path) ->
             warm = KVTierCache(model.config, tiered)
             warm.attach(ids)
             model.generate(ids, past_key_values=warm, max_new_tokens=1, do_sample=False)
+            warm.flush()
             cache = KVTierCache(model.config, tiered)
             assert cache.attach(ids) == 64
             out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
         assert torch.equal(out, ref)
+        tiered.drain()
         assert tiered.pins() == 0
     finally:
         tiered.close()
+
+
+def test_cost_aware_recomputes_when_the_tier_is_slower(tmp_path: Path) -> None:
+    """Pages only on disk: a cost model with a slow tier recomputes, a fast one loads them."""
+    model = _llama()
+    counter = TokenCounter(model)
+    ids = torch.randint(0, 128, (1, 70))
+    first = _tiered(model, tmp_path)
+    try:
+        _prefill(model, KVTierCache(model.config, first), ids, counter)
+        first.drain()
+    finally:
+        first.close()
+    slow = CostModel(prefill_tokens_per_s=1e6, h2d_bytes_per_s=1e12, tier_bytes_per_s=1e3)
+    fast = CostModel(prefill_tokens_per_s=1e3, h2d_bytes_per_s=1e12, tier_bytes_per_s=1e12)
+    second = _tiered(model, tmp_path)  # empty host tier; the pages are on disk
+    try:
+        c = KVTierCache(model.config, second)
+        assert c.attach(ids, cost=slow) == 0 and c.skipped_tokens == 64
+        c.close()
+        c2 = KVTierCache(model.config, second)
+        assert c2.attach(ids, cost=fast) == 64 and c2.skipped_tokens == 0
+        c2.close()
+        second.drain()
+        assert second.pins() == 0
+    finally:
+        second.close()

@@ -12,9 +12,8 @@ forward has gone through every layer, the prompt's new full pages are stored in 
 window layers are stored in full (kvtier pages hold every token) and keep only their window when
 loaded. One sequence per cache (batch size 1).
 
-Cost-aware loading: `attach(..., min_speedup=...)` skips the load (and recomputes) when the
-caller's estimate of load time for the hit is not below the recompute time by that factor; see
-`should_load`.
+Cost-aware loading: `attach(..., cost=CostModel(...))` recomputes cached pages whose load (tier
+read + host-to-device copy, from measured rates) would take longer than recomputing them.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from transformers import DynamicCache
 from kvtier.cache import LookupStatus, TieredCache
 from kvtier.geometry import KVGeometry
 from kvtier.geometry.spec import canonical_dtype
+from kvtier.integrations.transformers.cost import CostModel
 from kvtier.integrations.transformers.kv_io import LayerLoader, pages_from_hf, write_slots
 from kvtier.keys import Namespace, PageKey, page_keys
 
@@ -72,6 +72,8 @@ class KVTierCache(DynamicCache):
         self.promote_wait_s = promote_wait_s
         self.hit_tokens = 0
         self.stored_pages = 0
+        self.skipped_tokens = 0  # cached tokens recomputed because loading them was slower
+        self._store_due = False
         self._loader: LayerLoader | None = None
         self._leased: list[PageKey] = []
         self._keys: list[PageKey] = []
@@ -79,17 +81,26 @@ class KVTierCache(DynamicCache):
         self._prefill_pending = False
 
     # -- prefix lookup and load ----------------------------------------------------------------
-    def lookup(self, input_ids: torch.Tensor | Sequence[int]) -> int:
-        """Tokens of the prompt's prefix that kvtier can serve now (waits for promotions)."""
+    def lookup(self, input_ids: torch.Tensor | Sequence[int], cost: CostModel | None = None) -> int:
+        """Tokens of the prompt's prefix that kvtier can serve now. Pages being promoted from a
+        lower tier are waited for (up to `promote_wait_s`) unless `cost` says recomputing them
+        is faster; then only the pages already in host memory count."""
         tokens = self._tokens(input_ids)
         keys = page_keys(self.tiered.namespace, tokens)[: (len(tokens) - 1) // self.g.page_size]
         deadline = time.monotonic() + self.promote_wait_s
+        first = True
         while True:
             res = self.tiered.lookup(keys)
             pending = res.status in (LookupStatus.PENDING, LookupStatus.RETRY)
+            if first and pending and cost is not None and res.pending:
+                g = self.g
+                if not cost.worth_loading(res.pending, g.page_bytes, g.page_size, in_host=False):
+                    self.skipped_tokens = res.pending * g.page_size
+                    return res.hits * g.page_size
+            first = False
             if not pending or time.monotonic() > deadline:
                 return res.hits * self.g.page_size
-            time.sleep(0.001)
+            time.sleep(0.0005)
 
     def attach(
         self,
@@ -97,19 +108,26 @@ class KVTierCache(DynamicCache):
         *,
         device: torch.device | str | None = None,
         load: bool = True,
+        cost: CostModel | None = None,
     ) -> int:
         """Prepare this (empty) cache for the prompt; return the prefix tokens loaded.
 
         At least one prompt token is always left to compute (the model needs its logits). With
-        `load=False` nothing is loaded (recompute) but new pages are still stored.
+        `load=False` nothing is loaded (recompute) but new pages are still stored. With `cost`,
+        pages whose load would be slower than recomputing them are recomputed (cost-aware).
         """
+        self.flush()
         if self.get_seq_length() or self._loader is not None:
             raise RuntimeError("attach() needs an empty cache")
         tokens = self._tokens(input_ids)
         s = self.g.page_size
         self._keys = page_keys(self.tiered.namespace, tokens)
-        hit = self.lookup(tokens) if load else 0
+        self.skipped_tokens = 0
+        hit = self.lookup(tokens, cost) if load else 0
         n = hit // s
+        if n and cost is not None and not cost.worth_loading(n, self.g.page_bytes, s, in_host=True):
+            self.skipped_tokens += n * s
+            n = 0
         dev = torch.device(device) if device is not None else self._device(input_ids)
         if n:
             keys = self._keys[:n]
@@ -169,6 +187,8 @@ class KVTierCache(DynamicCache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        if self._store_due:
+            self.flush()  # first decode step: the first token is out, store the prompt's pages
         if self._loader is not None and self._loader.layers[layer_idx] is not None:
             k, v = self._loader.wait(layer_idx)
             layer: Any = self.layers[layer_idx]
@@ -184,16 +204,24 @@ class KVTierCache(DynamicCache):
 
     # -- after the prefill forward -------------------------------------------------------------
     def _finish_prefill(self) -> None:
+        """Every layer has its prompt KV: leases go back now; the store waits for `flush()` (or
+        the next forward) so that it never delays the first token."""
         self._prefill_pending = False
         if self._loader is not None:
             self._loader.synchronize()
             self._loader = None
         self.release()
-        if self.store_enabled:
-            try:
-                self._store_new()
-            except Exception as exc:  # storing is best effort: the answer is already computed
-                log.warning("kvtier store after prefill failed: %s", exc)
+        self._store_due = self.store_enabled
+
+    def flush(self) -> None:
+        """Store the prompt's new full pages in kvtier (no-op when nothing is due)."""
+        if not self._store_due:
+            return
+        self._store_due = False
+        try:
+            self._store_new()
+        except Exception as exc:  # storing is best effort: the answer is already computed
+            log.warning("kvtier store after prefill failed: %s", exc)
         self._new = {}
 
     def _store_new(self) -> None:
@@ -229,6 +257,7 @@ class KVTierCache(DynamicCache):
             self._leased = []
 
     def close(self) -> None:
+        self.flush()
         self._loader = None
         self.release()
 
