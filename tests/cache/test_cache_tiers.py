@@ -1,0 +1,178 @@
+"""The cache over real secondary tiers: disk, redis-server and mooncake_master on loopback.
+
+Cascade, demotion and promotion must show up in events; a server killed under the cache must
+turn into counted misses while the other tiers keep serving; nothing loaded is ever wrong.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from servers import MooncakeMaster, RedisServer, ServerUnavailable
+
+from kvtier.cache import EventKind, LookupStatus, TieredCache
+
+from .helpers import NS, check_loaded, keys, settle, store_all
+
+SLOT = 20480  # one 16 KiB page + header, 4 KiB aligned
+
+
+@pytest.fixture
+def redis_srv() -> Iterator[RedisServer]:
+    pytest.importorskip("redis")
+    try:
+        srv = RedisServer.start()
+    except ServerUnavailable as exc:
+        pytest.skip(str(exc))
+    yield srv
+    srv.stop()
+
+
+def redis_tier(srv: RedisServer, mode: str) -> dict[str, Any]:
+    return {"kind": "redis", "url": srv.url, "mode": mode, "socket_timeout_s": 1,
+            "connect_timeout_s": 0.5}
+
+
+def disk_tier(tmp_path: Path, mode: str = "write_through") -> dict[str, Any]:
+    return {"kind": "disk", "path": str(tmp_path / "disk"), "budget": "4MiB", "mode": mode}
+
+
+def make(host_slots: int, tiers: list[dict[str, Any]]) -> TieredCache:
+    return TieredCache({"host": {"budget": host_slots * SLOT}, "tiers": tiers}, NS)
+
+
+def events(cache: TieredCache) -> set[tuple[EventKind, str]]:
+    return {(e.kind, e.tier) for e in cache.take_events()}
+
+
+def finish(cache: TieredCache) -> None:
+    cache.drain()
+    cache.check_integrity()
+    assert cache.pins() == 0
+    cache.close()
+
+
+def test_cascade_down_disk_and_redis(tmp_path: Path, redis_srv: RedisServer) -> None:
+    import redis
+
+    cache = make(8, [disk_tier(tmp_path), redis_tier(redis_srv, "write_through")])
+    ks = keys(4)
+    store_all(cache, ks)
+    got = events(cache)
+    assert {(EventKind.STORED, t) for t in ("host", "disk", "redis")} <= got
+    client = redis.Redis.from_url(redis_srv.url)
+    assert client.exists(*[b"kvtier:" + k.hex().encode() for k in ks]) == 4
+    assert cache.stats().tier("disk").pages == 4
+    finish(cache)
+
+
+def test_demote_into_redis_then_promote_back(redis_srv: RedisServer) -> None:
+    cache = make(4, [redis_tier(redis_srv, "demote")])
+    ks = keys(8)
+    store_all(cache, ks)  # host holds 4: the rest were demoted on eviction
+    got = events(cache)
+    assert (EventKind.DEMOTED, "redis") in got and (EventKind.STORED, "redis") not in got
+    first = cache.lookup(ks[:4])
+    assert first.status == LookupStatus.PENDING and first.pending >= 1
+    res = settle(cache, ks[:4])
+    assert res.hits == 4
+    check_loaded(cache, ks[:4])
+    assert (EventKind.PROMOTED, "redis") in events(cache)
+    stats = cache.stats()
+    assert stats.tier("redis").hits >= 1 and stats.promotions >= 1
+    finish(cache)
+
+
+def test_redis_killed_cache_serves_from_disk_and_reconnects(
+    tmp_path: Path, redis_srv: RedisServer
+) -> None:
+    cache = make(4, [redis_tier(redis_srv, "write_through"), disk_tier(tmp_path)])
+    ks = keys(8)
+    store_all(cache, ks)
+    events(cache)
+    redis_srv.kill()
+    res = settle(cache, ks[:4])  # host evicted these; redis is gone; the disk has them
+    assert res.hits == 4
+    check_loaded(cache, ks[:4])
+    got = events(cache)
+    assert (EventKind.PROMOTED, "disk") in got and (EventKind.PROMOTED, "redis") not in got
+    assert cache.stats().tier("redis").errors >= 1
+    # stores still complete (the disk takes them) while redis is down
+    more = keys(2, start=10_000)
+    store_all(cache, more)
+    assert (EventKind.STORED, "disk") in events(cache)
+    redis_srv.restart()
+    again = keys(2, start=20_000)
+    deadline = time.monotonic() + 10
+    while (EventKind.STORED, "redis") not in events(cache):
+        assert time.monotonic() < deadline, "redis tier did not reconnect"
+        store_all(cache, keys(1, start=30_000 + int(time.monotonic() * 1000) % 10_000))
+    store_all(cache, again)
+    finish(cache)
+
+
+def test_redis_killed_mid_promotion_never_serves_wrong_pages(redis_srv: RedisServer) -> None:
+    from kvtier.geometry import KVGeometry
+    from kvtier.keys import Namespace, page_keys
+
+    big = Namespace("test-model-big", KVGeometry(4, 8, 128, 16, "float32"))  # 1 MiB pages
+    slot = big.geometry.page_bytes + 4096
+    cache = TieredCache({"host": {"budget": 24 * slot}, "tiers": [redis_tier(redis_srv, "demote")]},
+                        big)
+    ks = page_keys(big, list(range(48 * 16)))
+    plan_keys: list[bytes] = []
+    for i in range(0, 48, 8):  # store 48 pages through a 24-page host tier: half are demoted
+        plan = cache.prepare_store(ks[i : i + 8])
+        assert plan is not None
+        for key, s in zip(plan.keys, plan.slots):
+            cache.host_pool.payload(s).fill_(key[0])
+        cache.complete_store(plan.keys)
+        plan_keys += plan.keys
+        cache.drain()
+    first = cache.lookup(ks)
+    redis_srv.kill()  # while the promotion batch streams out of redis
+    assert first.status == LookupStatus.PENDING
+    res = settle(cache, ks, timeout=30)
+    assert res.status in (LookupStatus.HIT, LookupStatus.MISS)
+    plan = cache.prepare_load(ks[: res.hits])
+    try:
+        for key, s in zip(plan.keys, plan.slots):
+            assert bool((cache.host_pool.payload(s) == key[0]).all()), "wrong page served"
+    finally:
+        cache.complete_load(plan.keys)
+    stats = cache.stats()
+    assert stats.tier("redis").corrupt == 0
+    if stats.promotion_failures:
+        assert stats.tier("redis").errors >= 1
+    finish(cache)
+
+
+@pytest.mark.slow
+def test_mooncake_demote_promote_and_master_loss(tmp_path: Path) -> None:
+    pytest.importorskip("mooncake.store")
+    try:
+        master = MooncakeMaster.start()
+    except ServerUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        mc = {"kind": "mooncake", "master": master.addr, "global_segment_size": "32MiB",
+              "mode": "demote"}
+        cache = make(4, [mc, disk_tier(tmp_path, "demote")])
+        ks = keys(8)
+        store_all(cache, ks)
+        assert (EventKind.DEMOTED, "mooncake") in events(cache)
+        assert settle(cache, ks[:4]).hits == 4
+        check_loaded(cache, ks[:4])
+        assert (EventKind.PROMOTED, "mooncake") in events(cache)
+        master.kill()
+        # lookups of pages only mooncake held become misses, never errors
+        res = settle(cache, ks[4:], timeout=30)
+        assert res.hits <= 4
+        check_loaded(cache, ks[4 : 4 + res.hits])
+        finish(cache)
+    finally:
+        master.stop()
