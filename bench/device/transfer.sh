@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # kvtier copy engine on the GPU machine: GPU tests, threshold sweep, `kvtier bench transfer`.
 # Run from the repository root:  OUT=/some/dir bash bench/device/transfer.sh
+# (PAGES=N changes the pages per bench job, default 512; PYTHON picks the interpreter.)
 # Everything lands under $OUT; a summary table is printed last. Each part runs even when an
 # earlier one fails; the exit code is non-zero if any part failed (a wrong byte fails loudly).
 set -u
@@ -30,34 +31,40 @@ part() {  # part NAME TIMEOUT CMD...
 "$PY" -m pip install -e . --no-deps --no-build-isolation -q > "$OUT/install.txt" 2>&1 || echo "pip install -e failed (see install.txt); using PYTHONPATH" >> "$OUT/install.txt"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-part gpu-tests 120 "$PY" -m pytest -m gpu tests/transfer -q -x -p no:cacheprovider --timeout 140 -o addopts=""
-part sweep 90 "$PY" bench/device/transfer_sweep.py "$OUT"
+part gpu-tests 150 "$PY" -m pytest -m gpu tests/transfer/test_transfer_gpu.py -q -p no:cacheprovider --timeout 140 -o addopts="" -rfE
+part sweep 120 "$PY" bench/device/transfer_sweep.py "$OUT"
 # the engine's "auto" path in the benches below uses the freshly measured thresholds
 if [ -s "$OUT/thresholds.json" ]; then cp "$OUT/thresholds.json" kvtier/transfer/thresholds.json; fi
 for geo in llama3-8b llama3-70b-tp4 deepseek-v3-mla llama3-70b-tp8; do
-  part "bench-$geo" 60 "$PY" -m kvtier.cli.main bench transfer --geometry "$geo" --pages 512 --reps 5 --json
+  part "bench-$geo" 75 "$PY" -m kvtier.cli.main bench transfer --geometry "$geo" --pages "${PAGES:-512}" --reps 5 --json
   cp "$OUT/bench-$geo.txt" "$OUT/bench-$geo.json" 2>/dev/null
 done
 
 "$PY" - "$OUT" <<'PYEOF' > "$OUT/summary.txt" 2>&1
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
-print(f"{'geometry':18} {'item':>6} {'what':34} {'store':>7} {'load':>7} {'both':>7}  (GB/s; ratio to ceiling)")
+print(f"{'geometry':18} {'item':>6} {'what':34} {'store':>10} {'load':>10} {'both':>10} {'load/layer':>10}  (GB/s/ratio to ceiling)")
 for f in sorted(out.glob("bench-*.json")):
     try:
         r = json.loads(f.read_text())
     except ValueError:
         print(f"{f.name}: no JSON (see {f.with_suffix('.txt').name})"); continue
     m, c = r["meta"], r["ceiling"]
-    print(f"{m['geometry']:18} {m['item_bytes']:>6} {'ceiling d2h/h2d/bidir':34} {c['d2h']:7.1f} {c['h2d']:7.1f} {c['bidir']:7.1f}")
+    if r.get("mode") != "gpu":
+        print(f"{m['geometry']:18} {m['item_bytes']:>6} (no GPU) cpu path vs memcpy: {json.dumps(r.get('ratios'))}")
+        continue
+    print(f"{m['geometry']:18} {m['item_bytes']:>6} {'ceiling d2h/h2d/bidir':34} {c['d2h']:10.1f} {c['h2d']:10.1f} {c['bidir']:10.1f}")
     for name, ops in r.get("baselines", {}).items():
         rat = r["baseline_ratios"][name]
         cell = lambda op: f"{ops[op]:5.1f}/{rat[op]:.2f}" if op in ops else "      -"
-        print(f"{'':18} {'':>6} {name[:34]:34} {cell('store'):>7} {cell('load'):>7}")
+        print(f"{'':18} {'':>6} {name[:34]:34} {cell('store'):>10} {cell('load'):>10}")
     for name, ops in r.get("engine", {}).items():
         rat = r["ratios"][name]
         cell = lambda op: f"{ops[op]:5.1f}/{rat[op]:.2f}"
-        print(f"{'':18} {'':>6} {'engine ' + name:34} {cell('store'):>7} {cell('load'):>7} {cell('both'):>7}")
+        print(f"{'':18} {'':>6} {'engine ' + name:34} {cell('store'):>10} {cell('load'):>10} {cell('both'):>10} {cell('load_layerwise'):>10}")
+    for name, ops in r.get("conversion", {}).items():
+        rat = r["conversion_ratios"][name]
+        print(f"{'':18} {'':>6} {('convert ' + name)[:34]:34} triton {ops['triton']:7.0f}/{rat['triton']:.2f}  torch {ops['torch']:7.0f}/{rat['torch']:.2f} (vs device copy {c['device_copy']:.0f})")
     for name, err in r.get("errors", {}).items():
         print(f"{'':18} {'':>6} engine {name} FAILED: {err[:60]}")
 PYEOF

@@ -28,7 +28,7 @@ from kvtier.transfer.gpu_paths import GPUPaths
 from kvtier.transfer.thresholds import Thresholds
 from kvtier.transfer.torch_path import host_planes
 
-ITEM_SIZES = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144]
+ITEM_SIZES = [2048, 4096, 8192, 16384, 32768, 65536, 131072]
 TILES = [(8192, 4), (32768, 8)]  # (bytes per program, warps)
 LARGE_BYTES = 256 << 20
 SMALL_ITEMS = 512
@@ -136,8 +136,12 @@ def best_tile(rows: list[dict]) -> tuple[int, int]:
 def main(out_dir: str) -> int:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    large = [measure(s, LARGE_BYTES // s) for s in ITEM_SIZES]
-    small = [measure(s, SMALL_ITEMS) for s in ITEM_SIZES]
+    large: list[dict] = []
+    small: list[dict] = []
+    for size in ITEM_SIZES:  # partial results are kept if the run is cut short
+        large.append(measure(size, LARGE_BYTES // size))
+        small.append(measure(size, SMALL_ITEMS))
+        (out / "transfer-sweep.json").write_text(json.dumps({"large": large, "small": small}))
     tile, warps = best_tile(large)
     thresholds = {
         "measured": True,

@@ -136,6 +136,15 @@ def run_gpu(g: KVGeometry, pages: int, reps: int, paths: list[str]) -> dict[str,
             raise
         except Exception as exc:  # a path missing here is reported, not fatal
             errors[path] = f"{type(exc).__name__}: {exc}"
+    try:
+        conv = gb.conversion_rates(g, pages, reps)
+    except AssertionError:
+        raise
+    except Exception as exc:
+        conv, errors["conversion"] = {}, f"{type(exc).__name__}: {exc}"
+    conv_ratios = {
+        name: {p: v / ceil["device_copy"] for p, v in r.items()} for name, r in conv.items()
+    }
     one = min(ceil["d2h"], ceil["h2d"])
     ratios = {
         name: {
@@ -157,6 +166,8 @@ def run_gpu(g: KVGeometry, pages: int, reps: int, paths: list[str]) -> dict[str,
         "baseline_ratios": base_ratios,
         "engine": engine,
         "ratios": ratios,
+        "conversion": conv,
+        "conversion_ratios": conv_ratios,
         "errors": errors,
         "one_way_ceiling": one,
     }
@@ -170,9 +181,14 @@ def _table(res: dict[str, Any]) -> str:
         "ceiling: " + "  ".join(f"{k} {v:.1f} GB/s" for k, v in res["ceiling"].items()),
         f"{'what':36} {'op':15} {'GB/s':>8} {'ratio':>7}",
     ]
-    for group, rgroup in (("baselines", "baseline_ratios"), ("engine", "ratios")):
+    groups = (
+        ("baselines", "baseline_ratios", "{}"),
+        ("engine", "ratios", "kvtier engine [{}]"),
+        ("conversion", "conversion_ratios", "convert {} (vs device copy)"),
+    )
+    for group, rgroup, fmt in groups:
         for name, ops in res.get(group, {}).items():
-            label = name if group == "baselines" else f"kvtier engine [{name}]"
+            label = fmt.format(name)
             for op, v in ops.items():
                 r = res.get(rgroup, {}).get(name, {}).get(op)
                 ratio = f"{r:7.2f}" if r is not None else "      -"

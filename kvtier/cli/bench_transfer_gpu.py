@@ -217,9 +217,9 @@ def engine_rates(st: Setup, path: str, reps: int) -> dict[str, float]:
     st.pool.payloads()[st.slots_a] = 0xA5  # poison what the store must overwrite
     out = {"store": n / timed(store, reps) / 1e9}
     check_store(st, path)
-    st.pool.payloads()[st.slots_b] = torch.randint(
-        0, 256, (st.pages, st.g.page_bytes), dtype=torch.uint8
-    )
+    noise = torch.empty((st.pages, st.g.page_bytes), dtype=torch.uint8, device="cuda")
+    st.pool.payloads()[st.slots_b] = noise.random_(0, 256).cpu()
+    del noise
     for plane in st.dkv.planes:
         plane[st.blocks_b.reshape(-1).to("cuda")] = 0  # poison what the load must overwrite
     out["load"] = n / timed(load, reps) / 1e9
@@ -229,4 +229,50 @@ def engine_rates(st: Setup, path: str, reps: int) -> dict[str, float]:
     check_store(st, path)
     check_load(st, path)
     eng.close()
+    return out
+
+
+CONVERSIONS = [
+    ("layer_first", "page_first"),
+    ("page_first", "layer_first"),
+    ("page_first", "page_head"),
+    ("layer_first", "page_first_direct"),
+]
+
+
+def conversion_rates(g: KVGeometry, pages: int, reps: int) -> dict[str, dict[str, float]]:
+    """GB/s (bytes read + written) of whole-pool layout conversion, Triton and torch,
+    each checked bit for bit against torch once."""
+    from kvtier.geometry.layouts import Layout, parse_layout, shape
+    from kvtier.transfer.convert import convert_layout
+
+    out: dict[str, dict[str, float]] = {}
+    move = move_dtype(g.itemsize)
+    for frm_name, to_name in CONVERSIONS:
+        frm, to = parse_layout(frm_name), parse_layout(to_name)
+        src = torch.empty(shape(frm, g, pages), dtype=move, device="cuda")
+        src.view(torch.uint8).random_(0, 256)
+        dst = torch.empty(shape(to, g, pages), dtype=move, device="cuda")
+        nbytes = 2 * src.numel() * src.element_size()
+        row: dict[str, float] = {}
+        for path in ("triton", "torch"):
+            dst.fill_(-1)
+
+            def conv(
+                path: str = path,
+                src: torch.Tensor = src,
+                dst: torch.Tensor = dst,
+                frm: Layout = frm,
+                to: Layout = to,
+            ) -> object:
+                # the torch path allocates its result, as its callers do
+                out = dst if path == "triton" else None
+                return convert_layout(src, frm, to, g, out=out, path=path)
+
+            row[path] = nbytes / timed(conv, reps) / 1e9
+            if path == "triton":
+                ref = convert_layout(src, frm, to, g, path="torch")
+                if not torch.equal(dst.view(torch.uint8), ref.view(torch.uint8)):
+                    raise AssertionError(f"conversion {frm_name}->{to_name} differs from torch")
+        out[f"{frm_name}->{to_name}"] = row
     return out
