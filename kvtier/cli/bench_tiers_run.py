@@ -87,13 +87,13 @@ def batches(items: Sequence[Item], size: int) -> list[list[Item]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
-def timed(fn: Callable[[], None]) -> float:
+def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def best_gbs(nbytes: int, fn: Callable[[], None], repeat: int,
+def best_gbs(nbytes: int, fn: Callable[[], object], repeat: int,
              before: Callable[[], None] | None = None) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -108,13 +108,14 @@ def tier_pass(tier: ThreadedTier, op: str, items: Sequence[Item], batch: int) ->
     submit = tier.submit_store if op == "store" else tier.submit_load
     queue = batches(items, batch)
     failed = 0
-    while queue or tier.inflight():
+    while queue:
         while queue and submit(queue[0]) is not None:
             queue.pop(0)
         for result in tier.poll():
             failed += len(result.failed)
-        time.sleep(0.0002)
-    for result in tier.poll():
+        if queue:
+            time.sleep(0.0002)  # back-pressure: wait for a slot
+    for result in tier.wait_all(600):
         failed += len(result.failed)
     if failed:
         raise AssertionError(f"tier {tier.name}: {failed} of {len(items)} pages failed to {op}")

@@ -217,25 +217,25 @@ class DiskTier(ThreadedTier):
                 if _WILLNEED:  # queue the whole batch's reads at once: the device sees depth
                     os.posix_fadvise(fd, 0, 0, _WILLNEED)
             for i, (key, buf) in enumerate(items):
-                fd = fds[i]
-                if fd is None:
+                rfd = fds[i]
+                if rfd is None:
                     continue
                 fds[i] = None
                 try:
-                    n = os.preadv(fd, [buf, extra], 0)
+                    n = os.preadv(rfd, [buf, extra], 0)
                 except OSError as exc:
                     self._fault("read", exc)
                     continue
                 finally:
-                    os.close(fd)
+                    os.close(rfd)
                 if n == len(buf):
                     flags[i] = True
                 else:
                     short.append(key)
         finally:
-            for fd in fds:
-                if fd is not None:
-                    os.close(fd)
+            for left in fds:  # only after an exception
+                if left is not None:
+                    os.close(left)
             with self._index_lock:
                 for (key, _), here in zip(items, present):
                     if here:
