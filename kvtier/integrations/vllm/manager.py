@@ -1,0 +1,193 @@
+"""Scheduler side: vLLM's OffloadingManager answered by kvtier's TieredCache.
+
+vLLM asks about one offload key at a time (a chunk of one KV-cache group: its block hash plus the
+group index); kvtier keys are `key_from_engine_hash(namespace, offload_key)`, so the namespace
+(model, page geometry, block layout, rank) keeps foreign KV out.
+
+Lookup results: a page in host memory is HIT; a page that a lower tier holds starts a staged
+promotion and answers HIT_PENDING (vLLM asks again on a later step, and keeps stepping while
+`has_pending_work()`); a page still being written by another request is RETRY; else MISS.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Collection, Iterable
+
+from vllm.v1.kv_offload.base import (
+    LoadStoreSpec,
+    Locality,
+    LookupResult,
+    Medium,
+    OffloadingEvent,
+    OffloadingManager,
+    OffloadKey,
+    PrepareStoreOutput,
+    ReqContext,
+    RequestOffloadingContext,
+    ScheduleEndContext,
+    get_offload_group_idx,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from kvtier.cache import TieredCache
+from kvtier.cache.types import CacheEvent, CacheStats, EventKind, LookupStatus
+from kvtier.integrations.vllm.common import KVTierLoadStoreSpec
+from kvtier.keys import Namespace, PageKey, key_from_engine_hash
+
+log = logging.getLogger("kvtier.vllm")
+
+_KEY_MAP_LIMIT = 1 << 20  # kvtier key -> vLLM key entries kept for events and hit sources
+_SOURCES = {"disk": CacheHitSource.DISK, "mooncake": CacheHitSource.P2P}
+
+
+class KVTierOffloadingManager(OffloadingManager):
+    """Maps vLLM's per-chunk calls onto one TieredCache. Runs on the scheduler thread only.
+
+    `group_pos` maps a vLLM KV-cache group id to its position in OffloadingConfig.groups (what
+    the worker indexes its per-group device views with). `tier_kinds` maps tier names to kinds
+    (for the hit source reported to vLLM's metrics). With `emit_events`, kvtier's cache events
+    become vLLM OffloadingEvents (host tier: Medium.CPU; lower tiers: Medium.STORAGE, owned by
+    the tier's name).
+    """
+
+    def __init__(
+        self,
+        cache: TieredCache,
+        namespace: Namespace,
+        group_pos: dict[int, int],
+        *,
+        tier_kinds: dict[str, str] | None = None,
+        emit_events: bool = False,
+    ) -> None:
+        self.cache = cache
+        self.namespace = namespace
+        self.group_pos = group_pos
+        self.tier_kinds = tier_kinds or {}
+        self.emit_events = emit_events
+        self._vkey: OrderedDict[PageKey, OffloadKey] = OrderedDict()
+        self._promoted_from: dict[PageKey, str] = {}
+        self._events: list[OffloadingEvent] = []
+        self._pending = 0  # keys last reported HIT_PENDING and not yet seen HIT
+
+    # -- keys --------------------------------------------------------------------------------
+    def _key(self, key: OffloadKey) -> PageKey:
+        k = key_from_engine_hash(self.namespace, bytes(key))
+        if k not in self._vkey:
+            self._vkey[k] = key
+            if len(self._vkey) > _KEY_MAP_LIMIT:
+                self._vkey.popitem(last=False)
+        return k
+
+    def _keys(self, keys: Iterable[OffloadKey]) -> list[PageKey]:
+        return [self._key(k) for k in keys]
+
+    # -- OffloadingManager -------------------------------------------------------------------
+    def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
+        return RequestOffloadingContext()
+
+    def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
+        res = self.cache.lookup([self._key(key)])
+        if res.status == LookupStatus.HIT:
+            return LookupResult.HIT
+        if res.status == LookupStatus.PENDING:
+            self._pending += 1
+            return LookupResult.HIT_PENDING
+        if res.status == LookupStatus.RETRY:
+            self._pending += 1
+            return LookupResult.RETRY
+        return LookupResult.MISS
+
+    def get_load_source(self, key: OffloadKey, req_context: ReqContext) -> CacheHitSource:
+        self._drain_events()
+        tier = self._promoted_from.get(self._key(key))
+        if tier is None:
+            return CacheHitSource.HOST
+        return _SOURCES.get(self.tier_kinds.get(tier, tier), CacheHitSource.EXTERNAL_UNSPECIFIED)
+
+    def prepare_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> LoadStoreSpec:
+        plan = self.cache.prepare_load(self._keys(keys))
+        groups = [self.group_pos[get_offload_group_idx(k)] for k in keys]
+        for k in plan.keys:
+            self._promoted_from.pop(k, None)
+        return KVTierLoadStoreSpec(plan.slots, groups)
+
+    def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
+        self.cache.touch(self._keys(keys))
+
+    def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
+        self.cache.complete_load(self._keys(keys))
+
+    def prepare_store(
+        self, keys: Collection[OffloadKey], req_context: ReqContext
+    ) -> PrepareStoreOutput | None:
+        ours = self._keys(keys)
+        plan = self.cache.prepare_store(ours)
+        if plan is None:
+            return None
+        to_store = [self._vkey[k] for k in plan.keys]
+        groups = [self.group_pos[get_offload_group_idx(k)] for k in to_store]
+        evicted = [self._vkey[k] for k in plan.evicted if k in self._vkey]
+        return PrepareStoreOutput(
+            keys_to_store=to_store,
+            store_spec=KVTierLoadStoreSpec(plan.slots, groups),
+            evicted_keys=evicted,
+        )
+
+    def complete_store(
+        self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True
+    ) -> None:
+        self.cache.complete_store(self._keys(keys), success)
+
+    def on_schedule_end(self, context: ScheduleEndContext) -> None:
+        self.cache.poll()
+        self._drain_events()
+
+    def has_pending_work(self) -> bool:
+        # Promotions in flight: keep the engine stepping so the deferred lookups are asked again.
+        pending, self._pending = self._pending > 0, 0
+        return pending
+
+    def take_events(self) -> Iterable[OffloadingEvent]:
+        self._drain_events()
+        out, self._events = self._events, []
+        return out
+
+    def get_stats(self) -> None:
+        return None
+
+    def stats(self) -> CacheStats:
+        return self.cache.stats()
+
+    def shutdown(self) -> None:
+        self.cache.close()
+
+    # -- events ------------------------------------------------------------------------------
+    def _drain_events(self) -> None:
+        for ev in self.cache.take_events():
+            if ev.kind == EventKind.PROMOTED:
+                for k in ev.keys:
+                    self._promoted_from[k] = ev.tier
+            elif ev.kind == EventKind.REMOVED and ev.tier == "host":
+                for k in ev.keys:
+                    self._promoted_from.pop(k, None)
+            if self.emit_events:
+                out = self._to_vllm(ev)
+                if out is not None:
+                    self._events.append(out)
+
+    def _to_vllm(self, ev: CacheEvent) -> OffloadingEvent | None:
+        keys = [self._vkey[k] for k in ev.keys if k in self._vkey]
+        if not keys:
+            return None
+        if ev.kind == EventKind.PROMOTED:  # a copy now also lives in host memory
+            return OffloadingEvent(keys, Medium.CPU, removed=False, locality=Locality.LOCAL)
+        removed = ev.kind == EventKind.REMOVED
+        if ev.tier == "host":
+            return OffloadingEvent(keys, Medium.CPU, removed=removed, locality=Locality.LOCAL)
+        kind = self.tier_kinds.get(ev.tier, ev.tier)
+        locality = Locality.LOCAL if kind == "disk" else Locality.REMOTE
+        return OffloadingEvent(
+            keys, Medium.STORAGE, removed=removed, locality=locality, ownership=ev.tier
+        )
