@@ -269,17 +269,20 @@ class ElasticPool:
         budget = self._limits.budget(dev, self.local)
         return budget is not None and self._dev_bytes.get(dev, 0) > budget
 
+    def _any_over(self) -> bool:
+        return any(self._over(d) for d in self._dev_bytes)
+
     def _trim(self, keep: int | None = None) -> int:
         """Unmap reserve slots beyond `keep` (default K) or over a limit; peers go first."""
         keep = self.reserve_target if keep is None else keep
         released = 0
         while self._reserve:
-            victim = max(self._reserve, key=lambda s: (self._slot_dev[s] != self.local, s))
-            over = [s for s in self._reserve if self._over(self._slot_dev[s])]
-            if over:
-                victim = max(over, key=lambda s: (self._slot_dev[s] != self.local, s))
-            elif len(self._reserve) <= keep:
+            over = ([s for s in self._reserve if self._over(self._slot_dev[s])]
+                    if self._any_over() else [])
+            if not over and len(self._reserve) <= keep:
                 break
+            victim = max(over or self._reserve,
+                         key=lambda s: (self._slot_dev[s] != self.local, s))
             self._reserve.remove(victim)
             self._unmap_slot(victim)
             released += self.layout.slot_phys_bytes
