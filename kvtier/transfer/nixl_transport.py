@@ -21,7 +21,7 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -149,7 +149,7 @@ class _Endpoint:
             self.agent.deregister_memory(self._reg)
             self._reg = None
 
-    def __enter__(self) -> _Endpoint:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -44,9 +44,12 @@ def make_spec(kind: str, num_blocks: int = 24) -> KVCacheSpec:
     raise ValueError(kind)
 
 
-def _receiver(kind: str, fp: bytes, requests: list, q: Any, out: Any, linger: float) -> None:
+def _receiver(kind: str, fp: bytes, requests: list, q: Any, out: Any, linger: float,
+              device: str = "cpu") -> None:
     spec = make_spec(kind)
-    tensors = {t.name: torch.full((t.size_bytes,), POISON, dtype=torch.uint8)
+    if device != "cpu":
+        torch.cuda.set_device(device)
+    tensors = {t.name: torch.full((t.size_bytes,), POISON, dtype=torch.uint8, device=device)
                for t in spec.tensors}
     rx = KVReceiver(spec, {k: TensorMemory.of(v) for k, v in tensors.items()}, fp, timeout=20)
     q.put(rx.listen())
@@ -55,25 +58,29 @@ def _receiver(kind: str, fp: bytes, requests: list, q: Any, out: Any, linger: fl
         q.put("accepted")
         reports = [rx.wait(req, blocks, timeout=20) for req, blocks in requests]
         out.put(("ok", [(r.nbytes, r.descriptors) for r in reports],
-                 {k: v.numpy().tobytes() for k, v in tensors.items()}))
+                 {k: v.cpu().numpy().tobytes() for k, v in tensors.items()}))
     except Exception as exc:
         out.put(("error", type(exc).__name__, str(exc)))
     time.sleep(linger)
     rx.close()
 
 
-def _start_receiver(kind: str, fp: bytes, requests: list, linger: float = 0.0):
+def _start_receiver(kind: str, fp: bytes, requests: list, linger: float = 0.0,
+                    device: str = "cpu"):
     q, out = CTX.Queue(), CTX.Queue()
-    proc = CTX.Process(target=_receiver, args=(kind, fp, requests, q, out, linger), daemon=True)
+    proc = CTX.Process(target=_receiver, args=(kind, fp, requests, q, out, linger, device),
+                       daemon=True)
     proc.start()
     host, port = q.get(timeout=60)
     return proc, q, out, host, port
 
 
-def _sender(kind: str, seed: int = 0) -> tuple[KVSender, dict[str, torch.Tensor]]:
+def _sender(kind: str, seed: int = 0,
+            device: str = "cpu") -> tuple[KVSender, dict[str, torch.Tensor]]:
     spec = make_spec(kind)
     gen = torch.Generator().manual_seed(seed)
-    tensors = {t.name: torch.randint(0, 256, (t.size_bytes,), dtype=torch.uint8, generator=gen)
+    tensors = {t.name: torch.randint(0, 256, (t.size_bytes,), dtype=torch.uint8,
+                                     generator=gen).to(device)
                for t in spec.tensors}
     return KVSender(spec, {k: TensorMemory.of(v) for k, v in tensors.items()}, FP), tensors
 
@@ -86,7 +93,7 @@ def _expected(spec: KVCacheSpec, src: dict[str, torch.Tensor],
         for g, ids in src_blocks.items():
             bb = spec.block_bytes(g)
             for t in spec.tensors_of_group(g):
-                s = src[t.name].numpy().tobytes()
+                s = src[t.name].cpu().numpy().tobytes()
                 for a, b in zip(ids, dst_blocks[g]):
                     if t.kv_split:
                         h, v = bb // 2, spec.num_blocks * (bb // 2)
@@ -217,3 +224,31 @@ def test_bad_blocks_raise_config_error_before_any_transfer() -> None:
     finally:
         tx.close()
         proc.join(timeout=30)
+
+
+two_gpus = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+
+@pytest.mark.gpu
+@two_gpus
+@pytest.mark.parametrize("kind", ["plain", "hybrid", "mla"])
+def test_vram_gpu0_to_gpu1_bit_exact(kind: str) -> None:
+    spec = make_spec(kind)
+    src = {0: [0, 1, 2, 7], len(spec.groups) - 1: [9, 10]}
+    dst = {0: [20, 21, 3, 4], len(spec.groups) - 1: [11, 17]}
+    proc, _, out, host, port = _start_receiver(kind, FP, [("g1", dst)], device="cuda:1")
+    torch.cuda.set_device(0)
+    tx, tensors = _sender(kind, device="cuda:0")
+    try:
+        assert tx.mem_type == "VRAM"
+        tx.connect(host, port)
+        tx.send("g1", src, dst)
+        status, reports, got = out.get(timeout=120)
+    finally:
+        tx.close()
+        proc.join(timeout=60)
+    assert status == "ok", reports
+    expected = _expected(spec, tensors, [(src, dst)])
+    for name in got:
+        assert got[name] == bytes(expected[name]), f"tensor {name} differs"

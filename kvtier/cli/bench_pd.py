@@ -1,0 +1,247 @@
+"""`kvtier bench pd`: a request's KV moved prefill -> decode through NIXL, against memcpy.
+
+Two processes: a decode receiver (a spawned child) and the prefill sender (this process), each
+holding a KV cache laid out as the geometry's layers over separate tensors. Each case sends one
+request's blocks `--repeat` times and reports the best bandwidth next to the ceiling measured in
+the same run: a local memcpy of the same bytes on CPU, a GPU0 -> GPU1 peer copy on GPUs. Cases:
+`contiguous` (one descriptor per tensor) and `scattered` (a random block table: one descriptor
+per tensor and block). After each case the receiver hashes its destination blocks and the sender
+compares with its source blocks: a wrong byte fails the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kvtier.geometry.groups import KVCacheSpec, uniform_spec
+from kvtier.geometry.spec import preset
+
+FP = hashlib.blake2b(b"kvtier bench pd", digest_size=16).digest()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="cuda: GPU0 -> GPU1 (needs 2 GPUs); auto picks cuda when it can")
+    parser.add_argument("--geometry", default="llama3-8b", help="geometry preset")
+    parser.add_argument("--tokens", type=int, default=0,
+                        help="request length (default 1024 on CPU, 8192 on GPU)")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--save", metavar="DIR", help="write pd-<device>-<date>.json/.md here")
+
+
+def bench_spec(geometry: str, tokens: int) -> tuple[KVCacheSpec, int]:
+    g = preset(geometry)
+    blocks = -(-tokens // g.page_size)
+    kind = "mla" if g.mla else "full"
+    spec = uniform_spec([kind] * g.num_layers, g.num_kv_heads, g.head_size, g.page_size,
+                        2 * blocks, g.dtype)
+    return spec, blocks
+
+
+def _cases(blocks: int, seed: int = 7) -> dict[str, tuple[list[int], list[int]]]:
+    import random
+
+    rng = random.Random(seed)
+    pool = list(range(2 * blocks))
+    rng.shuffle(pool)
+    return {"contiguous": (list(range(blocks)), list(range(blocks, 2 * blocks))),
+            "scattered": (pool[:blocks], pool[blocks:])}
+
+
+def _digest(spec: KVCacheSpec, tensors: dict[str, Any], ids: list[int]) -> str:
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+    bb = spec.block_bytes(0)
+    idx = torch.tensor(ids, dtype=torch.long)
+    for t in spec.tensors:
+        rows = tensors[t.name].view(-1, bb).index_select(0, idx.to(tensors[t.name].device))
+        h.update(rows.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _alloc(spec: KVCacheSpec, device: str, fill: int | None) -> dict[str, Any]:
+    import torch
+
+    out = {}
+    for i, t in enumerate(spec.tensors):
+        if fill is None:
+            gen = torch.Generator(device=device).manual_seed(i)
+            out[t.name] = torch.randint(0, 256, (t.size_bytes,), dtype=torch.uint8,
+                                        device=device, generator=gen)
+        else:
+            out[t.name] = torch.full((t.size_bytes,), fill, dtype=torch.uint8, device=device)
+    return out
+
+
+def _receiver(geometry: str, tokens: int, device: str, repeat: int, q: Any, out: Any) -> None:
+    from kvtier.transfer.nixl_transport import KVReceiver
+    from kvtier.transfer.registration import TensorMemory
+
+    spec, blocks = bench_spec(geometry, tokens)
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(device)  # UCX registers VRAM in the current device's context
+    tensors = _alloc(spec, device, 0xAB)
+    with KVReceiver(spec, {k: TensorMemory.of(v) for k, v in tensors.items()}, FP,
+                    timeout=120) as rx:
+        q.put(rx.listen())
+        try:
+            rx.accept()
+            for name, (_, dst) in _cases(blocks).items():
+                for i in range(repeat + 1):
+                    rx.wait(f"{name}-{i}", {0: dst})
+                if device.startswith("cuda"):
+                    import torch
+
+                    torch.cuda.synchronize(device)
+                out.put(("case", name, _digest(spec, tensors, dst)))
+                q.get(timeout=120)  # the sender has read the digest
+        except Exception as exc:
+            out.put(("error", type(exc).__name__, str(exc)))
+
+
+def _ceiling(nbytes: int, device: str, repeat: int) -> float:
+    """Best GB/s of one copy of nbytes: local memcpy on CPU, GPU0 -> GPU1 on GPUs."""
+    import torch
+
+    if device == "cpu":
+        src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+        dst, sync = torch.zeros_like(src), (lambda: None)
+    else:
+        src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda:0")
+        dst = torch.zeros(nbytes, dtype=torch.uint8, device="cuda:1")
+
+        def sync() -> None:
+            torch.cuda.synchronize("cuda:0")
+            torch.cuda.synchronize("cuda:1")
+    best = float("inf")
+    for _ in range(max(repeat, 10)):
+        sync()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    if not torch.equal(dst.cpu(), src.cpu()):
+        raise RuntimeError("ceiling copy produced wrong bytes")
+    return nbytes / best / 1e9
+
+
+def measure(device: str, geometry: str, tokens: int, repeat: int) -> dict[str, Any]:
+    from kvtier.transfer.nixl_transport import KVSender
+    from kvtier.transfer.registration import TensorMemory
+
+    spec, blocks = bench_spec(geometry, tokens)
+    src_dev, dst_dev = ("cpu", "cpu") if device == "cpu" else ("cuda:0", "cuda:1")
+    ctx = mp.get_context("spawn")
+    q, out = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_receiver, args=(geometry, tokens, dst_dev, repeat, q, out),
+                       daemon=True)
+    proc.start()
+    rows: list[dict[str, Any]] = []
+    try:
+        host, port = q.get(timeout=300)
+        tensors = _alloc(spec, src_dev, None)
+        with KVSender(spec, {k: TensorMemory.of(v) for k, v in tensors.items()}, FP,
+                      timeout=120) as tx:
+            tx.connect(host, port)
+            for name, (src, dst) in _cases(blocks).items():
+                times, report = [], None
+                for i in range(repeat + 1):  # the first send warms connections up
+                    report = tx.send(f"{name}-{i}", {0: src}, {0: dst})
+                    times.append(report.seconds)
+                msg = out.get(timeout=300)
+                if msg[0] != "case" or msg[2] != _digest(spec, tensors, src):
+                    raise RuntimeError(f"case {name}: destination blocks differ: {msg}")
+                q.put("next")
+                assert report is not None
+                timed = sorted(times[1:])
+                rows.append({"case": name, "bytes": report.nbytes,
+                             "descriptors": report.descriptors,
+                             "gbps": report.nbytes / timed[0] / 1e9,
+                             "median_gbps": report.nbytes / timed[len(timed) // 2] / 1e9})
+    finally:
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+    ceiling = _ceiling(rows[0]["bytes"], device, repeat)
+    for r in rows:
+        r["ceiling_gbps"] = ceiling
+        r["ratio"] = r["gbps"] / ceiling
+    return {"device": device, "geometry": geometry, "tokens": tokens, "blocks": blocks,
+            "tensors": len(spec.tensors), "ceiling": "local memcpy" if device == "cpu"
+            else "peer copy GPU0->GPU1", "results": rows}
+
+
+def machine(device: str) -> dict[str, Any]:
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    commit = os.environ.get("KVTIER_COMMIT") or commit
+    info: dict[str, Any] = {"host": platform.node(), "cpu": platform.processor() or
+                            platform.machine(), "cores": os.cpu_count(),
+                            "python": platform.python_version(), "torch": torch.__version__,
+                            "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+                            "commit": commit or None, "ucx_tls": os.environ.get("UCX_TLS")}
+    if device == "cuda":
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    lines = [f"# kvtier bench pd ({doc['device']}, {doc['geometry']}, {doc['tokens']} tokens)",
+             "", f"machine: `{json.dumps(doc['machine'])}`", "",
+             f"ceiling: {doc['ceiling']}", "",
+             "| case | MiB | descriptors | GB/s | median GB/s | ceiling GB/s | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for r in doc["results"]:
+        lines.append(f"| {r['case']} | {r['bytes'] / 2**20:.0f} | {r['descriptors']} | "
+                     f"{r['gbps']:.2f} | {r['median_gbps']:.2f} | {r['ceiling_gbps']:.2f} | "
+                     f"{r['ratio']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else "cpu"
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        print("kvtier bench pd: --device cuda needs 2 GPUs")
+        return 2
+    tokens = args.tokens or (1024 if device == "cpu" else 8192)
+    doc = measure(device, args.geometry, tokens, args.repeat)
+    doc["machine"] = machine(device)
+    text = markdown(doc)
+    if args.save:
+        stem = Path(args.save) / f"pd-{device}-{doc['machine']['date']}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(text)
+    print(json.dumps(doc) if args.json else text, end="" if not args.json else "\n")
+    return 0
+
+
+if __name__ == "__main__":  # `python -m kvtier.cli.bench_pd`, without the other benchmarks
+    import sys
+
+    _parser = argparse.ArgumentParser(prog="kvtier bench pd")
+    add_arguments(_parser)
+    sys.exit(run(_parser.parse_args()))
