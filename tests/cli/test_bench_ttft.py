@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from kvtier.cli import bench_ttft  # noqa: E402
+from kvtier.cli import bench_ttft
 
 
 def test_bench_ttft_tiny_runs_every_case(tmp_path: Path) -> None:
