@@ -83,10 +83,10 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _timed(dev: torch.device, fn: Callable[[], Any]) -> tuple[float, Any]:
+def _timed(dev: torch.device, fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
     _sync(dev)
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(*args)
     _sync(dev)
     return time.perf_counter() - t0, out
 
@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         host_times = []
         for _ in range(args.repeats):
             c = KVTierCache(cfg, tiered, store=False)
-            t, logits = _timed(dev, lambda: first_token(c))
+            t, logits = _timed(dev, first_token, c)
             if c.hit_tokens != cached:
                 errors.append(f"host: hit {c.hit_tokens} tokens, expected {cached}")
             check("host", logits)
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         _drop_page_cache(tmp)
         with TieredCache(conf, ns) as fresh:
             c = KVTierCache(cfg, fresh, store=False, promote_wait_s=600)
-            t, logits = _timed(dev, lambda: first_token(c))
+            t, logits = _timed(dev, first_token, c)
             if c.hit_tokens != cached:
                 errors.append(f"disk: hit {c.hit_tokens} tokens, expected {cached}")
             check("disk", logits)
@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
                      tier_bytes_per_s=slow_rate)  # fmt: skip
     with TieredCache(slow_conf, ns) as slow:
         c = KVTierCache(cfg, slow, store=False)
-        t, logits = _timed(dev, lambda: first_token(c, cost))
+        t, logits = _timed(dev, first_token, c, cost)
         check("slow_disk", logits)
         results.update(slow_disk_s=t, slow_disk_loaded_tokens=c.hit_tokens,
                        slow_disk_load_estimate_s=cost.load_seconds(cached // s, g.page_bytes,
