@@ -22,6 +22,9 @@ _MOVE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 # Pages per gather step on the CPU: small enough that the staging rows stay in cache.
 _CPU_STEP_BYTES = 4 << 20
+# From this item size on, one row copy per item (a single pass over the bytes) beats a gather
+# into a temporary plus a scatter (two passes); below it the per-item Python cost dominates.
+_CPU_LOOP_MIN_ITEM = 16384
 
 
 def move_dtype(itemsize: int) -> torch.dtype:
@@ -50,10 +53,18 @@ def store_cpu(dkv: DeviceKV, host: torch.Tensor, blocks: torch.Tensor, slots: to
     about 30x slower than memcpy on the machines kvtier is tested on."""
     n_pages = int(slots.numel())
     chunk = host.shape[2]
-    step = max(1, _CPU_STEP_BYTES // max(1, chunk * host.element_size()))
     host_np = host.numpy()
     planes = [_moving(p).numpy() for p in dkv.planes]
     blocks_np, slots_np = blocks.numpy(), slots.numpy()
+    if dkv.block_bytes >= _CPU_LOOP_MIN_ITEM:
+        n = dkv.blocks_per_page
+        for page_blocks, slot in zip(blocks_np.tolist(), slots_np.tolist()):
+            row = host_np[slot].reshape(len(planes), n, dkv.block_elems)
+            for p, plane in enumerate(planes):
+                for j, b in enumerate(page_blocks):
+                    row[p, j] = plane[b]
+        return
+    step = max(1, _CPU_STEP_BYTES // max(1, chunk * host.element_size()))
     for lo in range(0, n_pages, step):
         blk = blocks_np[lo : lo + step].reshape(-1)
         sl = slots_np[lo : lo + step]
@@ -76,12 +87,21 @@ def load_cpu(
     todo = dkv.write_planes() if planes is None else list(planes)
     host_np = host.numpy()
     blocks_np, slots_np = blocks.numpy(), slots.numpy()
+    dev = {p: _moving(dkv.planes[p]).numpy() for p in todo}
+    if dkv.block_bytes >= _CPU_LOOP_MIN_ITEM:
+        n = dkv.blocks_per_page
+        for page_blocks, slot in zip(blocks_np.tolist(), slots_np.tolist()):
+            row = host_np[slot].reshape(dkv.num_planes, n, dkv.block_elems)
+            for p in todo:
+                plane = dev[p]
+                for j, b in enumerate(page_blocks):
+                    plane[b] = row[p, j]
+        return
     for lo in range(0, n_pages, step):
         blk = blocks_np[lo : lo + step].reshape(-1)
         sl = slots_np[lo : lo + step]
         for p in todo:
-            plane = _moving(dkv.planes[p]).numpy()
-            plane[blk] = host_np[sl, p].reshape(len(blk), dkv.block_elems)
+            dev[p][blk] = host_np[sl, p].reshape(len(blk), dkv.block_elems)
 
 
 def store_staged(
