@@ -17,7 +17,6 @@ reads see zeros. Every failure leaves the bookkeeping and the mappings as they w
 from __future__ import annotations
 
 import bisect
-import logging
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,9 +24,8 @@ from typing import NamedTuple
 
 from kvtier.errors import CapacityError, KVTierError
 from kvtier.memory.elastic_layout import ElasticLayout, LimitSource, PoolLimits, StaticLimits
+from kvtier.memory.elastic_slots import SlotMap
 from kvtier.memory.vmm_backend import DeviceBackend
-
-log = logging.getLogger(__name__)
 
 
 class AllocationError(KVTierError):
@@ -73,9 +71,6 @@ class ElasticPool:
         zero_fill: bool = True,
         record_ops: bool = False,
     ) -> None:
-        if layout.page_bytes % backend.granularity(local_device):
-            raise KVTierError(f"page_bytes {layout.page_bytes} is not a multiple of the "
-                              f"device granularity {backend.granularity(local_device)}")
         self.backend = backend
         self.layout = layout
         self.local = local_device
@@ -88,23 +83,19 @@ class ElasticPool:
         self._limits = limits.current()
         self._lock = threading.RLock()
         n = layout.num_slots
-        self._slot_dev = [-1] * n
-        self._slot_handles: list[list[int] | None] = [None] * n
         self._slot_used = [0] * n
         self._partial: dict[int, list[int]] = {}
         self._reserve: list[int] = []
         self._unbacked = list(range(n - 1, -1, -1))  # descending: pop() gives the lowest slot
         self._allocated = bytearray(layout.num_blocks)
-        self._dev_bytes: dict[int, int] = {}
         self.ops: list[MapOp] | None = [] if record_ops else None
-        self.base = backend.reserve(layout.total_bytes)
-        if zero_fill:
-            try:
-                self._map_zero_all()
-            except KVTierError:
-                self._unmap_zero_all()
-                backend.free_reserve(self.base, layout.total_bytes)
-                raise
+        self.slots = SlotMap(backend, layout, local_device, self.readers, zero_fill)
+        self._slot_dev = self.slots.device  # shared list: device of each slot, -1 unbacked
+
+    @property
+    def base(self) -> int:
+        """Start of the reserved virtual range."""
+        return self.slots.base
 
     # -- allocation ---------------------------------------------------------------------------
     def alloc(self, n: int) -> list[int]:
@@ -187,7 +178,7 @@ class ElasticPool:
         if total is not None and self.mapped_bytes() + cost > total:
             return False
         budget = self._limits.budget(device, self.local)
-        return budget is None or self._dev_bytes.get(device, 0) + cost <= budget
+        return budget is None or self.slots.dev_bytes.get(device, 0) + cost <= budget
 
     def _grow(self) -> int:
         """Back the lowest unbacked slot on the first tier with room; it joins the reserve."""
@@ -196,7 +187,7 @@ class ElasticPool:
             raise CapacityError("elastic pool: every slot is already backed")
         slot = self._unbacked[-1]
         for tier, dev in enumerate(self.tiers()):
-            if self._fits(dev) and self._map_slot(slot, dev):
+            if self._fits(dev) and self.slots.map_slot(slot, dev):
                 self._unbacked.pop()
                 self._reserve.append(slot)
                 if self.ops is not None:
@@ -207,56 +198,8 @@ class ElasticPool:
             f"{self.tiers()} (mapped {self.mapped_bytes()}, limit {self._limits.total})"
         )
 
-    def _map_slot(self, slot: int, dev: int) -> bool:
-        """Create and map every page of `slot` on `dev`. False if `dev` is out of memory;
-        raises (after rolling back) on any other failure."""
-        be, page = self.backend, self.layout.page_bytes
-        handles: list[int] = []
-        try:
-            for _ in self.layout.slot_pages(slot):
-                handles.append(be.create(dev, page))
-        except CapacityError:
-            self._release_quietly(handles)
-            return False
-        except KVTierError:
-            self._release_quietly(handles)
-            raise
-        done: list[int] = []
-        try:
-            for off, h in zip(self.layout.slot_pages(slot), handles):
-                va = self.base + off
-                if self.zero_fill:
-                    be.unmap(va, page)
-                done.append(va)
-                be.map(va, page, h)
-                be.set_access(va, page, self.readers)
-        except KVTierError:
-            for va in done:
-                if be.mapping(va) is not None:
-                    be.unmap(va, page)
-                if self.zero_fill:
-                    self._map_zero(va)
-            self._release_quietly(handles)
-            raise
-        self._slot_dev[slot] = dev
-        self._slot_handles[slot] = handles
-        self._dev_bytes[dev] = self._dev_bytes.get(dev, 0) + self.layout.slot_phys_bytes
-        return True
-
     def _unmap_slot(self, slot: int) -> None:
-        be, page = self.backend, self.layout.page_bytes
-        handles = self._slot_handles[slot]
-        assert handles is not None
-        for off, h in zip(self.layout.slot_pages(slot), handles):
-            va = self.base + off
-            be.unmap(va, page)
-            be.release(h)
-            if self.zero_fill:
-                self._map_zero(va)
-        dev = self._slot_dev[slot]
-        self._dev_bytes[dev] -= self.layout.slot_phys_bytes
-        self._slot_dev[slot] = -1
-        self._slot_handles[slot] = None
+        self.slots.unmap_slot(slot)
         bisect.insort(self._unbacked, slot, key=lambda s: -s)
         if self.ops is not None:
             self.ops.append(MapOp("unmap", slot * self.layout.slot_bytes, -1))
@@ -267,10 +210,10 @@ class ElasticPool:
         if total is not None and self.mapped_bytes() > total:
             return True
         budget = self._limits.budget(dev, self.local)
-        return budget is not None and self._dev_bytes.get(dev, 0) > budget
+        return budget is not None and self.slots.dev_bytes.get(dev, 0) > budget
 
     def _any_over(self) -> bool:
-        return any(self._over(d) for d in self._dev_bytes)
+        return any(self._over(d) for d in self.slots.dev_bytes)
 
     def _trim(self, keep: int | None = None) -> int:
         """Unmap reserve slots beyond `keep` (default K) or over a limit; peers go first."""
@@ -337,6 +280,24 @@ class ElasticPool:
             return grown
 
     # -- tensor parallel followers ------------------------------------------------------------
+    def _follow(self, op: MapOp, tiers: list[int]) -> None:
+        """Apply one leader decision (see vmm_sync.apply_ops)."""
+        slot = op.va_offset // self.layout.slot_bytes
+        if op.op == "map":
+            if self._slot_dev[slot] != -1 or not 0 <= op.tier < len(tiers):
+                raise AllocationError(f"apply: cannot map slot {slot} on tier {op.tier}")
+            if not self.slots.map_slot(slot, tiers[op.tier]):
+                raise CapacityError(f"apply: tier {op.tier} has no room for slot {slot}")
+            self._unbacked.remove(slot)
+            self._reserve.append(slot)
+        elif op.op == "unmap":
+            if slot not in self._reserve:
+                raise AllocationError(f"apply: slot {slot} is not a free mapped slot")
+            self._reserve.remove(slot)
+            self._unmap_slot(slot)
+        else:
+            raise AllocationError(f"apply: unknown op {op.op!r}")
+
     def drain_ops(self) -> list[MapOp]:
         """Mapping decisions since the last drain (needs record_ops=True)."""
         with self._lock:
@@ -345,57 +306,12 @@ class ElasticPool:
             out, self.ops = self.ops, []
             return out
 
-    def apply(self, ops: Sequence[MapOp]) -> None:
-        """Apply a leader's decisions: map (tier resolved against this pool's own tiers) or
-        unmap the same slots. A follower does no block bookkeeping of its own."""
-        with self._lock:
-            tiers = self.tiers()
-            for op in ops:
-                slot = op.va_offset // self.layout.slot_bytes
-                if op.op == "map":
-                    if self._slot_dev[slot] != -1 or not 0 <= op.tier < len(tiers):
-                        raise AllocationError(f"apply: cannot map slot {slot} on tier {op.tier}")
-                    if not self._map_slot(slot, tiers[op.tier]):
-                        raise CapacityError(f"apply: tier {op.tier} has no room for slot {slot}")
-                    self._unbacked.remove(slot)
-                    self._reserve.append(slot)
-                elif op.op == "unmap":
-                    if slot not in self._reserve:
-                        raise AllocationError(f"apply: slot {slot} is not a free mapped slot")
-                    self._reserve.remove(slot)
-                    self._unmap_slot(slot)
-                else:
-                    raise AllocationError(f"apply: unknown op {op.op!r}")
-
-    # -- zero page ----------------------------------------------------------------------------
-    def _map_zero(self, va: int) -> None:
-        page = self.layout.page_bytes
-        self.backend.map(va, page, self.backend.zero_page(self.local))
-        self.backend.set_access(va, page, self.readers, read_only=True)
-
-    def _map_zero_all(self) -> None:
-        for off in range(0, self.layout.total_bytes, self.layout.page_bytes):
-            self._map_zero(self.base + off)
-
-    def _unmap_zero_all(self) -> None:
-        zero = self.backend.zero_page(self.local)
-        for off in range(0, self.layout.total_bytes, self.layout.page_bytes):
-            if self.backend.mapping(self.base + off) == zero:
-                self.backend.unmap(self.base + off, self.layout.page_bytes)
-
-    def _release_quietly(self, handles: list[int]) -> None:
-        for h in handles:
-            try:
-                self.backend.release(h)
-            except KVTierError as exc:  # a leak is better than a crash; integrity will show it
-                log.warning("elastic pool: release of handle %s failed: %s", h, exc)
-
     # -- introspection ------------------------------------------------------------------------
     def mapped_bytes(self) -> int:
-        return sum(self._dev_bytes.values())
+        return self.slots.mapped_bytes()
 
     def usage(self) -> dict[int, int]:
-        return {d: b for d, b in self._dev_bytes.items() if b}
+        return self.slots.usage()
 
     def device_of(self, block: int) -> int:
         """The device whose memory holds `block`, or -1 when it is unbacked."""
@@ -413,6 +329,10 @@ class ElasticPool:
             return PoolStats(pages, self.usage(), used, len(self._reserve), len(self._unbacked),
                              sum(self._slot_used), self.layout.num_blocks, self._limits.total)
 
+    def lock(self) -> threading.RLock:
+        """The pool's lock, for helpers that make several calls atomically."""
+        return self._lock
+
     def check_integrity(self) -> None:
         """Raise AssertionError if bookkeeping and mappings disagree (see elastic_check)."""
         from kvtier.memory.elastic_check import check_pool
@@ -423,14 +343,10 @@ class ElasticPool:
     def close(self) -> None:
         """Unmap and release everything, then free the reservation. Allocated blocks are lost."""
         with self._lock:
-            for slot in range(self.layout.num_slots):
-                if self._slot_dev[slot] != -1:
-                    self._unmap_slot(slot)
-            if self.zero_fill:
-                self._unmap_zero_all()
-            self.backend.free_reserve(self.base, self.layout.total_bytes)
+            self.slots.close()
             self._partial.clear()
             self._reserve.clear()
+            self._unbacked = list(range(self.layout.num_slots - 1, -1, -1))
             self._slot_used = [0] * self.layout.num_slots
             self._allocated = bytearray(self.layout.num_blocks)
             self.ops = None if self.ops is None else []

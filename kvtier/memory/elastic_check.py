@@ -27,7 +27,7 @@ def check_pool(pool: ElasticPool) -> None:
         if dev == -1:
             assert slot in unbacked and slot not in reserve, f"slot {slot}: unbacked misfiled"
             assert used == 0 and free is None, f"slot {slot}: blocks in an unbacked slot"
-            assert pool._slot_handles[slot] is None, f"slot {slot}: handles on unbacked slot"
+            assert pool.slots.handles[slot] is None, f"slot {slot}: handles on unbacked slot"
             for off in lay.slot_pages(slot):
                 assert be.mapping(pool.base + off) == zero, f"slot {slot}: unbacked page mapped"
             continue
@@ -41,7 +41,7 @@ def check_pool(pool: ElasticPool) -> None:
             assert all(b in blocks and not pool._allocated[b] for b in free), f"slot {slot}: free"
         else:
             assert used in (0, lay.blocks_per_slot), f"slot {slot}: lost free blocks"
-        handles = pool._slot_handles[slot]
+        handles = pool.slots.handles[slot]
         assert handles is not None and len(handles) == len(lay.slot_pages(slot))
         for off, h in zip(lay.slot_pages(slot), handles):
             assert be.mapping(pool.base + off) == h, f"slot {slot}: page {off:#x} not mapped"

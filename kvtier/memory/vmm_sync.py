@@ -20,6 +20,7 @@ import os
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 
 from kvtier.errors import TierError
@@ -97,10 +98,21 @@ class FileChannel(MapChannel):
         return [MapOp(str(o[0]), int(o[1]), int(o[2])) for o in data]
 
 
+def apply_ops(pool: ElasticPool, ops: Sequence[MapOp]) -> None:
+    """Apply a leader's decisions to a follower's pool: map (the tier resolved against the
+    follower's own placement order) or unmap the same slots. A follower does no block
+    bookkeeping of its own. Raises AllocationError for an op that does not fit its state and
+    CapacityError when its tier has no room: the TP group is then out of step."""
+    with pool.lock():
+        tiers = pool.tiers()
+        for op in ops:
+            pool._follow(op, tiers)
+
+
 def sync_step(pool: ElasticPool, channel: MapChannel, leader: bool) -> list[MapOp]:
     """One step of TP sync; returns the ops of this step. The leader's pool must record ops."""
     if leader:
         return channel.exchange(pool.drain_ops())
     ops = channel.exchange(None)
-    pool.apply(ops)
+    apply_ops(pool, ops)
     return ops

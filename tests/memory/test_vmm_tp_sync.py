@@ -13,7 +13,13 @@ from kvtier.errors import CapacityError, TierError
 from kvtier.memory.elastic import AllocationError, ElasticPool, MapOp
 from kvtier.memory.elastic_layout import ElasticLayout, PoolLimits
 from kvtier.memory.vmm_sim import SimBackend
-from kvtier.memory.vmm_sync import FileChannel, MapChannel, TorchDistChannel, sync_step
+from kvtier.memory.vmm_sync import (
+    FileChannel,
+    MapChannel,
+    TorchDistChannel,
+    apply_ops,
+    sync_step,
+)
 
 G = 4096
 LAYOUT = ElasticLayout(regions=2, chunk_bytes=1024, num_blocks=96, page_bytes=G)
@@ -98,7 +104,7 @@ def test_file_channel_timeout_and_bad_ops(tmp_path: Path) -> None:
     be = SimBackend([100 * SLOT], granularity=G)
     pool = ElasticPool(be, LAYOUT, 0)
     with pytest.raises(AllocationError, match="not a free mapped slot"):
-        pool.apply([MapOp("unmap", 0, -1)])
+        apply_ops(pool, [MapOp("unmap", 0, -1)])
     with pytest.raises(AllocationError, match="tier 5"):
-        pool.apply([MapOp("map", 0, 5)])
+        apply_ops(pool, [MapOp("map", 0, 5)])
     pool.check_integrity()
