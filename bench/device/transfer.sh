@@ -36,8 +36,9 @@ part sweep 120 "$PY" bench/device/transfer_sweep.py "$OUT"
 # the engine's "auto" path in the benches below uses the freshly measured thresholds
 if [ -s "$OUT/thresholds.json" ]; then cp "$OUT/thresholds.json" kvtier/transfer/thresholds.json; fi
 for geo in llama3-8b llama3-70b-tp4 deepseek-v3-mla llama3-70b-tp8; do
-  part "bench-$geo" 75 "$PY" -m kvtier.cli.main bench transfer --geometry "$geo" --pages "${PAGES:-512}" --reps 5 --json
-  cp "$OUT/bench-$geo.txt" "$OUT/bench-$geo.json" 2>/dev/null
+  # JSON on stdout into bench-$geo.json; warnings and errors into bench-$geo.txt
+  part "bench-$geo" 75 sh -c '"$0" -m kvtier.cli.main bench transfer --geometry "$1" --pages "$2" --reps 5 --json > "$3"' \
+    "$PY" "$geo" "${PAGES:-512}" "$OUT/bench-$geo.json"
 done
 
 "$PY" - "$OUT" <<'PYEOF' > "$OUT/summary.txt" 2>&1

@@ -196,23 +196,28 @@ def engine_rates(st: Setup, path: str, reps: int) -> dict[str, float]:
     eng = CopyEngine(st.dkv, st.pool, path=path)
     n = st.nbytes
 
+    def ok(job: int) -> None:
+        # a failed job is a path that does not run here (reported), not wrong data
+        if not eng.wait(job).success:
+            raise RuntimeError(f"{path} job failed (see the kvtier.transfer.engine warning)")
+
     def store() -> None:
-        eng.wait(eng.submit_store(st.blocks_a, st.slots_a.tolist()))
+        ok(eng.submit_store(st.blocks_a, st.slots_a.tolist()))
 
     def load() -> None:
-        eng.wait(eng.submit_load(st.slots_b.tolist(), st.blocks_b))
+        ok(eng.submit_load(st.slots_b.tolist(), st.blocks_b))
 
     def load_layers() -> None:
         job = eng.submit_load(st.slots_b.tolist(), st.blocks_b, layerwise=True)
         for layer in range(st.g.num_layers):
             eng.wait_layer(job, layer)
-        eng.wait(job)
+        ok(job)
 
     def both() -> None:
         a = eng.submit_store(st.blocks_a, st.slots_a.tolist())
         b = eng.submit_load(st.slots_b.tolist(), st.blocks_b)
-        eng.wait(a)
-        eng.wait(b)
+        ok(a)
+        ok(b)
 
     st.pool.payloads()[st.slots_a] = 0xA5  # poison what the store must overwrite
     out = {"store": n / timed(store, reps) / 1e9}
