@@ -68,7 +68,8 @@ class NixlTier(ThreadedTier):
         self._free: list[int] = []
         self._busy: set[int] = set()  # slots being written or tombstoned now
         self._pins: Counter[PageKey] = Counter()
-        self._zero = bytearray(HEADER_SIZE)  # tombstone source
+        self._zero = bytearray(HEADER_SIZE)  # tombstone source, registered for the tier's life
+        store.host.register(buffer_address(self._zero), len(self._zero))
         self.scanned = self._scan()
 
     def register_host_buffer(self, ptr: int, nbytes: int) -> bool:
@@ -179,15 +180,19 @@ class NixlTier(ThreadedTier):
                 for i, _ in want:
                     flags[i] = True
             except NixlIOError as exc:
-                if len(want) == 1:
-                    raise
                 self._fault("read", exc)
+                bad: list[tuple[int, int]] = []
                 for i, s in want:  # one bad slot must not fail its neighbours
                     try:
-                        self._io("READ", [(items[i][1], s)])
-                        flags[i] = True
+                        if len(want) > 1:
+                            self._io("READ", [(items[i][1], s)])
+                            flags[i] = True
+                        else:
+                            bad.append((i, s))
                     except NixlIOError:
-                        damaged.append(items[i][0])
+                        bad.append((i, s))
+                lost = self.store.lost([s for _, s in bad])
+                damaged = [items[i][0] for (i, _), gone in zip(bad, lost) if gone]
         finally:
             with self._index_lock:
                 for (key, _), slot in zip(items, slots):
@@ -225,8 +230,9 @@ class NixlTier(ThreadedTier):
                     self._busy.discard(s)
                     self._free.append(s)
 
-    def _io(self, op: str, pairs: Sequence[tuple[memoryview | bytearray, int]]) -> None:
-        local, temp = self.store.host.prepare([memoryview(b) for b, _ in pairs])
+    def _io(self, op: str, pairs: Sequence[tuple[memoryview | bytearray, int]],
+            keep: bool = True) -> None:
+        local, temp = self.store.host.prepare([memoryview(b) for b, _ in pairs], keep)
         try:
             remote = [(s, 0, n) for (_, n), (_, s) in zip(local, pairs)]
             self.store.transfer(op, local, remote)
@@ -257,7 +263,7 @@ class NixlTier(ThreadedTier):
         view = memoryview(heads)
         order = list(index.items())
         self._io("READ", [(view[i * HEADER_SIZE : (i + 1) * HEADER_SIZE], s)
-                          for i, (_, s) in enumerate(order)])
+                          for i, (_, s) in enumerate(order)], keep=False)
         for i, (key, slot) in enumerate(order):
             head = _HEAD.unpack_from(heads, i * HEADER_SIZE)
             assert head[4] == key, f"slot {slot} holds {head[4].hex()}, index says {key.hex()}"

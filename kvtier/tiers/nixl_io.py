@@ -59,10 +59,10 @@ def owner_region(buf: memoryview) -> tuple[int, int] | None:
         if nxt is None:
             break
         obj = nxt
-    if isinstance(obj, (bytes, bytearray)) or type(obj).__name__ == "mmap":
+    if type(obj).__name__ == "mmap":  # a shared-memory pool file mapped whole
         root = memoryview(obj)
         return buffer_address(root), root.nbytes
-    return None
+    return None  # bytes/bytearray and the like may be short-lived: registered per batch
 
 
 class HostRegistry:
@@ -88,11 +88,12 @@ class HostRegistry:
         with self._lock:
             return any(s <= ptr and ptr + nbytes <= e for s, e, _ in self._regions)
 
-    def prepare(self, bufs: Sequence[memoryview]) -> tuple[list[Local], Any]:
-        """Addresses of `bufs`, registering what is not yet covered. Returns (locals, temp):
-        pass `temp` to `release` after the transfer."""
+    def prepare(self, bufs: Sequence[memoryview], keep: bool = True) -> tuple[list[Local], Any]:
+        """Addresses of `bufs`, registering what is not yet covered: the whole owning pool
+        buffer for good when `keep` and it can be found, else the exact ranges for this batch.
+        Returns (locals, temp): pass `temp` to `release` after the transfer."""
         locs = [(buffer_address(b), memoryview(b).nbytes) for b in bufs]
-        missing = [i for i, (p, n) in enumerate(locs) if not self.covered(p, n)]
+        missing = [i for i, (p, n) in enumerate(locs) if keep and not self.covered(p, n)]
         for i in missing:
             region = owner_region(memoryview(bufs[i]))
             if region is not None and region[0] <= locs[i][0] and \
@@ -145,6 +146,11 @@ class SlotStore:
 
     def exists(self, slots: Sequence[int]) -> list[bool]:
         """Which slots hold anything at all (files: every slot; they read as zeros)."""
+        return [True] * len(slots)
+
+    def lost(self, slots: Sequence[int]) -> list[bool]:
+        """After a read of each of `slots` alone failed: which hold no readable page for good
+        (files: all of them - a registered slab range reads unless the file was cut short)."""
         return [True] * len(slots)
 
     def transfer(self, op: str, local: Sequence[Local], remote: Sequence[Remote]) -> None:
@@ -274,3 +280,11 @@ class ObjectSlots(SlotStore):
         except Exception as exc:  # NIXL's own error types: the server did not answer
             raise NixlIOError(f"object query failed: {exc}") from exc
         return [info is not None for info in found]
+
+    def lost(self, slots: Sequence[int]) -> list[bool]:
+        """Objects that are gone are lost; when the server does not answer, none is (a network
+        fault is a miss now, not a reason to forget pages)."""
+        try:
+            return [not e for e in self.exists(slots)]
+        except NixlIOError:
+            return [False] * len(slots)

@@ -255,6 +255,12 @@ def test_objects_round_trip_restart_and_damage(s3_endpoint: str) -> None:
     assert again.scanned == 5 and again.contains(keys) == [True, True, False, True, True, True]
     res = run(again, "load", pages.empty(keys))
     assert len(res.ok) == 5 and all(pages.holds(k, i) for i, k in enumerate(keys) if i != 2)
+    # an object deleted behind the tier's back: a counted miss, forgotten; neighbours load
+    s3.delete_object(Bucket="kvt", Key=f"kvtier/{pages.ctx.fingerprint.hex()}/"
+                     f"slot-{again._slot[keys[4]]:08d}")
+    res = run(again, "load", pages.empty(keys))
+    assert res.failed == (keys[2], keys[4]) and len(res.ok) == 4
+    assert again.stats().corrupt == 1 and again.take_removed() == [keys[4]]
     again.check_integrity()
     again.close()
 
