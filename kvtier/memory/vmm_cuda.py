@@ -179,6 +179,7 @@ class CudaVmmBackend(DeviceBackend):
     ) -> None:
         cu = self.cu
         flags = cu.CUmemAccess_flags
+        read_only = read_only and self.zero_read_only  # once refused, do not ask again
         descs = []
         for d in devices:
             self._device(d)
