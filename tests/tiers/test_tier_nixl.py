@@ -277,3 +277,24 @@ def test_objects_budget_and_unreachable_endpoint(s3_endpoint: str) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ConfigError, match=r"tiers\.nx\.endpoint"):
         obj_tier(pages, dead, slots=2)
+
+
+def test_concurrent_jobs_keep_the_index_whole(tmp_path: Path) -> None:
+    pages = Pages(num_slots=64)
+    tier = make(pages, tmp_path, slots=24, threads=2, max_inflight=16)
+    keys = [Pages.key(i) for i in range(32)]
+    items = pages.items(keys)
+    jobs = [tier.submit_store(items[i : i + 4]) for i in range(0, 32, 4)]
+    assert all(j is not None for j in jobs)
+    results = tier.wait_all(60)
+    assert sum(len(r.ok) for r in results) == 32  # 8 evicted on the way, none refused
+    held = [k for k, here in zip(keys, tier.contains(keys)) if here]
+    assert len(held) == 24
+    loads = [tier.submit_load(pages.empty(held[i : i + 6], first_slot=32 + i))
+             for i in range(0, 24, 6)]
+    assert all(j is not None for j in loads)
+    done = tier.wait_all(60)
+    assert sum(len(r.ok) for r in done) == 24
+    assert all(pages.holds(k, 32 + i) for i, k in enumerate(held))
+    tier.check_integrity()
+    tier.close()
