@@ -16,8 +16,11 @@ I/O runs on the ThreadedTier pool (4 threads by default: measured faster than 2,
 and reads overlap): files are written straight from the host slot and read straight into it
 (os.write / os.preadv on the slot's memoryview; no intermediate buffer). A load first asks the
 kernel to read every file of its batch ahead (POSIX_FADV_WILLNEED), which measured faster than
-reading them one by one. O_DIRECT is not used: it needs 4 KiB-multiple lengths and a blob
-(64-byte header + payload) rarely is one; io_uring has no maintained binding in the stdlib.
+reading them one by one. O_DIRECT reads (aligned head direct, tail buffered) were measured
+against this and gave nothing (0.76-0.88 vs 0.87-0.96 GB/s, 2 MiB pages, 4 threads), so they
+are not used; neither is io_uring (no maintained binding). One file per page costs read
+bandwidth: cold per-file reads top out near 0.8-1 GB/s on the test VM, where one large file
+reads at 1.6-2.5 GB/s (bench/results/tiers-*.md).
 """
 
 from __future__ import annotations

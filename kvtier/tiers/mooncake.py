@@ -38,7 +38,7 @@ import numpy as np
 from kvtier.errors import ConfigError
 from kvtier.keys import PageKey
 from kvtier.tiers.base import Item, ThreadedTier, TierContext, TierStats
-from kvtier.tiers.options import Options, drop_corrupt
+from kvtier.tiers.options import Cooldown, Options, drop_corrupt
 from kvtier.tiers.registry import register_tier
 
 log = logging.getLogger("kvtier.tiers.mooncake")
@@ -72,6 +72,7 @@ class MooncakeTier(ThreadedTier):
         local_buffer_size: int = 16 << 20,
         prefix: str = "kvtier:",
         connect_timeout_s: float = 15.0,
+        retry_after_s: float = 1.0,
         threads: int = 2,
         max_inflight: int = 8,
     ) -> None:
@@ -99,6 +100,7 @@ class MooncakeTier(ThreadedTier):
         self._regions: list[tuple[int, int]] = []
         self._known: set[PageKey] = set()
         self._known_lock = threading.Lock()
+        self._cooldown = Cooldown(retry_after_s)
         self._connector = threading.Thread(
             target=self._connect_loop, name=f"kvtier-{name}-connect", daemon=True
         )
@@ -134,7 +136,12 @@ class MooncakeTier(ThreadedTier):
     def _client(self) -> Any:
         if not self._ready.is_set():
             raise ConnectionError(f"mooncake client for {self.master} not set up yet")
+        self._cooldown.check(self.master)
         return self._store
+
+    def _fault(self, what: str, exc: BaseException) -> None:
+        super()._fault(what, exc)
+        self._cooldown.trip(exc)
 
     def register_host_memory(self, ptr: int, nbytes: int) -> None:
         """Register one host-pool buffer with the transfer engine (needed for RDMA; harmless
@@ -241,6 +248,7 @@ def make_mooncake_tier(name: str, options: Mapping[str, Any], ctx: TierContext) 
         "local_buffer_size": o.size("local_buffer_size", "16MiB", minimum=0),
         "prefix": o.string("prefix", "kvtier:"),
         "connect_timeout_s": o.seconds("connect_timeout_s", 15.0) or 15.0,
+        "retry_after_s": o.seconds("retry_after_s", 1.0) or 1.0,
         "threads": o.integer("threads", 2),
         "max_inflight": o.integer("max_inflight", 8),
     }

@@ -7,6 +7,7 @@ with a message that says which line to fix.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -92,3 +93,30 @@ def drop_corrupt(tier: ThreadedTier, keys: Sequence[PageKey], reason: str) -> No
         tier._counts["corrupt"] += len(keys)
     tier.remove(keys)
     tier._note_removed(keys)
+
+
+class CoolingDown(ConnectionError):
+    """Raised instead of calling a server that failed less than `retry_after_s` ago."""
+
+
+class Cooldown:
+    """After a fault, fail calls at once for `seconds` instead of waiting on the server again.
+
+    A hung server costs one socket timeout, not one per lookup: the cache asks a tier's
+    contains() under its lock, so a tier that kept timing out would stall every request.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._until = 0.0
+
+    def trip(self, exc: BaseException) -> None:
+        """Start (or restart) the quiet period after a real fault; not after our own refusal,
+        which would keep the tier down for as long as it is being asked."""
+        if not isinstance(exc, CoolingDown):
+            self._until = time.monotonic() + self.seconds
+
+    def check(self, what: str) -> None:
+        """Raise ConnectionError while cooling down (the tier turns it into misses)."""
+        if time.monotonic() < self._until:
+            raise CoolingDown(f"{what}: server marked down for {self.seconds:g} s after a fault")

@@ -11,7 +11,8 @@ is unavoidable with this client.
 Faults: connect and socket timeouts bound every call; the client retries once without backoff
 (a pooled connection broken by a server restart is replaced on the retry) and then fails the
 batch, so a dead or hung server gives failed keys within about `socket_timeout_s` rather than a
-hang. The connection pool reconnects on its own when the server comes back.
+hang. After a fault every call fails at once for `retry_after_s`, so a hung server costs one
+timeout, not one per lookup. The connection pool reconnects on its own when the server is back.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from kvtier.errors import ConfigError
 from kvtier.keys import PageKey
 from kvtier.tiers.base import Item, ThreadedTier, TierContext, TierStats
-from kvtier.tiers.options import Options, drop_corrupt
+from kvtier.tiers.options import Cooldown, Options, drop_corrupt
 from kvtier.tiers.registry import register_tier
 
 
@@ -46,6 +47,7 @@ class RedisTier(ThreadedTier):
         ttl_s: float | None = None,
         connect_timeout_s: float = 2.0,
         socket_timeout_s: float = 5.0,
+        retry_after_s: float = 1.0,
         threads: int = 2,
         max_inflight: int = 8,
     ) -> None:
@@ -76,6 +78,11 @@ class RedisTier(ThreadedTier):
             raise ConfigError(f"tiers.{name}.url", url, f"a redis:// URL ({exc})") from exc
         self._known: set[PageKey] = set()
         self._known_lock = threading.Lock()
+        self._cooldown = Cooldown(retry_after_s)
+
+    def _fault(self, what: str, exc: BaseException) -> None:
+        super()._fault(what, exc)
+        self._cooldown.trip(exc)
 
     def _name(self, key: PageKey) -> bytes:
         return self._prefix + key.hex().encode()
@@ -84,12 +91,14 @@ class RedisTier(ThreadedTier):
     def _contains_batch(self, keys: Sequence[PageKey]) -> list[bool]:
         if not keys:
             return []
+        self._cooldown.check(self.url)
         pipe = self._client.pipeline(transaction=False)
         for key in keys:
             pipe.exists(self._name(key))
         return [bool(n) for n in pipe.execute()]
 
     def _store_batch(self, items: Sequence[Item]) -> list[bool]:
+        self._cooldown.check(self.url)
         pipe = self._client.pipeline(transaction=False)
         for key, buf in items:
             pipe.set(self._name(key), buf, ex=self._ttl)
@@ -101,6 +110,7 @@ class RedisTier(ThreadedTier):
         return flags
 
     def _load_batch(self, items: Sequence[Item]) -> list[bool]:
+        self._cooldown.check(self.url)
         names = [self._name(k) for k, _ in items]
         values: list[Any]
         if self._ttl is not None:  # a hit renews the page's lease on life
@@ -166,11 +176,13 @@ def _make(kind: str, name: str, options: Mapping[str, Any], ctx: TierContext) ->
         "ttl_s": o.seconds("ttl_s", None),
         "connect_timeout_s": o.seconds("connect_timeout_s", 2.0),
         "socket_timeout_s": o.seconds("socket_timeout_s", 5.0),
+        "retry_after_s": o.seconds("retry_after_s", 1.0),
         "threads": o.integer("threads", 2),
         "max_inflight": o.integer("max_inflight", 8),
     }
-    if kw["connect_timeout_s"] is None or kw["socket_timeout_s"] is None:
-        raise ConfigError(o.field("socket_timeout_s"), None, "a positive number of seconds")
+    for k in ("connect_timeout_s", "socket_timeout_s", "retry_after_s"):
+        if kw[k] is None:
+            raise ConfigError(o.field(k), None, "a positive number of seconds")
     o.finish()
     return RedisTier(name, ctx, url, kind=kind, **kw)
 

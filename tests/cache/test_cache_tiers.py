@@ -34,7 +34,7 @@ def redis_srv() -> Iterator[RedisServer]:
 
 def redis_tier(srv: RedisServer, mode: str) -> dict[str, Any]:
     return {"kind": "redis", "url": srv.url, "mode": mode, "socket_timeout_s": 1,
-            "connect_timeout_s": 0.5}
+            "connect_timeout_s": 0.5, "retry_after_s": 0.2}
 
 
 def disk_tier(tmp_path: Path, mode: str = "write_through") -> dict[str, Any]:

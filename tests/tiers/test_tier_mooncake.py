@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # each test starts a master and a client (a few s
 
 
 def make(pages: Pages, master: MooncakeMaster, **kw: object) -> MooncakeTier:
-    opts = {"master": master.addr, "global_segment_size": "64MiB", **kw}
+    opts = {"master": master.addr, "global_segment_size": "64MiB", "retry_after_s": 0.2, **kw}
     tier = make_tier("mooncake", "mc", opts, pages.ctx)
     assert isinstance(tier, MooncakeTier) and tier.ready
     return tier

@@ -22,7 +22,8 @@ def server(redis_server: RedisServer) -> RedisServer:
 
 
 def make(pages: Pages, srv: RedisServer, kind: str = "redis", **kw: object) -> RedisTier:
-    opts = {"url": srv.url, "socket_timeout_s": 2, "connect_timeout_s": 1, **kw}
+    opts = {"url": srv.url, "socket_timeout_s": 2, "connect_timeout_s": 1, "retry_after_s": 0.2,
+            **kw}
     tier = make_tier(kind, kind, opts, pages.ctx)
     assert isinstance(tier, RedisTier)
     return tier
@@ -108,6 +109,7 @@ def test_server_killed_mid_batch_then_reconnects(server: RedisServer) -> None:
     errors = tier.stats().errors
     assert errors >= 2
     server.restart()
+    time.sleep(0.3)  # past retry_after_s: the tier calls the server again
     # the server came back empty: old pages are misses, never stale data
     res = run(tier, "load", pages.empty(keys[:8], first_slot=40))
     assert res.ok == () and len(res.failed) == 8
@@ -120,17 +122,22 @@ def test_server_killed_mid_batch_then_reconnects(server: RedisServer) -> None:
     tier.close()
 
 
-def test_hung_server_times_out(server: RedisServer) -> None:
+def test_hung_server_times_out_then_fails_fast(server: RedisServer) -> None:
     pages = Pages()
-    tier = make(pages, server, socket_timeout_s=0.5)
+    tier = make(pages, server, socket_timeout_s=0.5, retry_after_s=3)
     run(tier, "store", pages.items([Pages.key(0)]))
     server.pause()
     try:
         start = time.monotonic()
         res = run(tier, "load", pages.empty([Pages.key(0)], first_slot=4))
         assert res.failed == (Pages.key(0),) and time.monotonic() - start < 5
+        # after one timeout the tier answers at once instead of waiting on the server again
+        start = time.monotonic()
+        assert tier.contains([Pages.key(0)]) == [False]
+        assert time.monotonic() - start < 0.1
     finally:
         server.resume()
+    time.sleep(3)
     res = run(tier, "load", pages.empty([Pages.key(0)], first_slot=4))
     assert res.ok == (Pages.key(0),) and pages.holds(Pages.key(0), 4)
     tier.check_integrity()
@@ -145,6 +152,7 @@ def test_config_errors_name_the_field() -> None:
         ({"socket_timeout_s": "soon"}, "tiers.r.socket_timeout_s"),
         ({"max_inflight": 0}, "tiers.r.max_inflight"),
         ({"tll_s": 5}, "tiers.r.tll_s"),
+        ({"retry_after_s": 0}, "tiers.r.retry_after_s"),
     ]:
         with pytest.raises(ConfigError) as info:
             make_tier("redis", "r", opts, pages.ctx)
