@@ -198,7 +198,8 @@ def machine(device: str) -> dict[str, Any]:
                             platform.machine(), "cores": os.cpu_count(),
                             "python": platform.python_version(), "torch": torch.__version__,
                             "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-                            "commit": commit or None, "ucx_tls": os.environ.get("UCX_TLS")}
+                            "commit": commit or None, "ucx_tls": os.environ.get("UCX_TLS"),
+                            "loadavg_1m": round(os.getloadavg()[0], 2)}
     if device == "cuda":
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info

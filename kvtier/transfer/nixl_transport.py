@@ -14,18 +14,13 @@ the backend: DRAM over TCP/shared memory on CPU, VRAM over cuda_ipc/NVLink on GP
 from __future__ import annotations
 
 import contextlib
-import importlib
-import itertools
-import select
 import socket
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 
-from kvtier.errors import ConfigError
 from kvtier.geometry.groups import KVCacheSpec
 from kvtier.transfer.handshake import (
     ACCEPT,
@@ -34,129 +29,23 @@ from kvtier.transfer.handshake import (
     FingerprintMismatch,
     HandshakeError,
     PeerGone,
-    PeerInfo,
     TransferError,
     TransferTimeout,
-    check_fingerprint,
     notification,
     parse_notification,
     recv_frame,
     send_frame,
 )
-from kvtier.transfer.registration import RegistrationPlan, TensorMemory, same_layout
+from kvtier.transfer.nixl_endpoint import NixlEndpoint, TransferReport, load_nixl, mem_type_of
+from kvtier.transfer.registration import TensorMemory
+
+__all__ = ["KVReceiver", "KVSender", "TransferReport", "load_nixl"]
 
 _POLL_S = 0.0005
-_names = itertools.count()
+_GRACE_S = 0.5
 
 
-def load_nixl() -> Any:
-    """The NIXL Python API module (`nixl`, else the `nixl_cu13` / `nixl_cu12` wheels)."""
-    for name in ("nixl._api", "nixl_cu13._api", "nixl_cu12._api"):
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    raise ConfigError("transport", "nixl", "the nixl package: pip install --no-deps nixl-cu12")
-
-
-@dataclass(frozen=True)
-class TransferReport:
-    """One request's transfer: bytes moved, descriptors used, wall seconds."""
-
-    request_id: str
-    nbytes: int
-    descriptors: int
-    seconds: float
-
-
-def _one_mem_type(plan: RegistrationPlan) -> str:
-    kinds = {r.mem_type for r in plan.regions}
-    if len(kinds) != 1:
-        raise ConfigError("tensors", sorted(kinds), "all KV tensors in DRAM or all in VRAM")
-    return kinds.pop()
-
-
-class _Endpoint:
-    """A NIXL agent with this instance's KV regions registered once. Not thread-safe."""
-
-    def __init__(self, role: str, spec: KVCacheSpec, tensors: Mapping[str, TensorMemory],
-                 fingerprint: bytes, name: str | None = None, backends: Sequence[str] = ("UCX",),
-                 timeout: float = 10.0) -> None:
-        self.fingerprint = check_fingerprint(fingerprint)
-        self.plan = RegistrationPlan(spec, tensors)
-        self.tensors = dict(tensors)
-        self.mem_type = _one_mem_type(self.plan)
-        self.timeout = timeout
-        self.name = name or f"kvtier-{role}-{id(self):x}-{next(_names)}"
-        api = load_nixl()
-        self.agent = api.nixl_agent(self.name, api.nixl_agent_config(backends=list(backends)))
-        missing = [b for b in backends if b not in self.agent.backends]
-        if missing:
-            raise ConfigError("backends", missing, f"backends NIXL has: {self.agent.plugin_list}")
-        self._reg = self.agent.register_memory(
-            [(r.base, r.nbytes, r.device_id, "") for r in self.plan.regions], self.mem_type)
-        self.sock: socket.socket | None = None
-        self.peer: PeerInfo | None = None
-        self.remote_plan: RegistrationPlan | None = None
-
-    @property
-    def registered_regions(self) -> int:
-        return len(self.plan.regions)
-
-    def info(self) -> PeerInfo:
-        return PeerInfo(self.name, self.plan.spec, self.tensors)
-
-    def _adopt_peer(self, frame_doc: dict[str, Any], blob: bytes) -> None:
-        peer = PeerInfo.from_doc(frame_doc)
-        if not same_layout(self.plan.spec, peer.spec):
-            raise HandshakeError(f"{peer.agent} lays its KV cache out differently")
-        try:
-            remote_plan = RegistrationPlan(peer.spec, peer.tensors)
-            added = self.agent.add_remote_agent(blob)
-        except ConfigError as exc:
-            raise HandshakeError(f"bad tensor table from {peer.agent}: {exc}") from exc
-        except Exception as exc:  # NIXL raises its own types for bad metadata
-            raise HandshakeError(f"NIXL rejected metadata of {peer.agent}: {exc}") from exc
-        name = added.decode() if isinstance(added, bytes) else str(added)
-        if name != peer.agent:
-            self.agent.remove_remote_agent(name)
-            raise HandshakeError(f"metadata names agent {name!r}, handshake said {peer.agent!r}")
-        self.peer, self.remote_plan = peer, remote_plan
-
-    def peer_alive(self) -> bool:
-        """False once the control connection is closed (the peer exited or died)."""
-        if self.sock is None:
-            return False
-        readable, _, _ = select.select([self.sock], [], [], 0)
-        if not readable:
-            return True
-        try:
-            return self.sock.recv(1, socket.MSG_PEEK) != b""
-        except OSError:
-            return False
-
-    def close(self) -> None:
-        """Drop the peer and deregister memory; safe to call twice."""
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        if self.peer is not None:
-            # the peer may be gone; nothing is left to release then
-            with contextlib.suppress(Exception):
-                self.agent.remove_remote_agent(self.peer.agent)
-            self.peer = None
-        if self._reg is not None:
-            self.agent.deregister_memory(self._reg)
-            self._reg = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class KVReceiver(_Endpoint):
+class KVReceiver(NixlEndpoint):
     """The decode side: accepts one prefill peer and waits for its blocks."""
 
     def __init__(self, spec: KVCacheSpec, tensors: Mapping[str, TensorMemory],
@@ -205,6 +94,10 @@ class KVReceiver(_Endpoint):
         assert self.peer is not None
         return self.peer.agent
 
+    def close(self) -> None:
+        self._listener.close()
+        super().close()
+
     def _drain(self) -> None:
         for msgs in self.agent.get_new_notifs().values():
             for msg in msgs:
@@ -222,12 +115,16 @@ class KVReceiver(_Endpoint):
         start = time.monotonic()
         deadline = start + (timeout or self.timeout)
         want = {int(g): list(ids) for g, ids in blocks.items() if len(ids)}
+        gone_at: float | None = None
         while True:
             self._drain()
             note = self._pending.pop(request_id, None)
             if note is not None:
                 break
-            if not self.peer_alive():
+            # a notification may trail the sender's exit: give it a short grace period
+            if gone_at is None and not self.peer_alive():
+                gone_at = time.monotonic()
+            if gone_at is not None and time.monotonic() - gone_at > _GRACE_S:
                 raise PeerGone(f"prefill peer left before request {request_id} arrived")
             if time.monotonic() > deadline:
                 raise TransferTimeout(f"request {request_id}: no completion before the timeout")
@@ -240,7 +137,7 @@ class KVReceiver(_Endpoint):
         return TransferReport(request_id, note["bytes"], ndesc, time.monotonic() - start)
 
 
-class KVSender(_Endpoint):
+class KVSender(NixlEndpoint):
     """The prefill side: connects to a receiver and writes requests' blocks into it."""
 
     def __init__(self, spec: KVCacheSpec, tensors: Mapping[str, TensorMemory],
@@ -298,7 +195,7 @@ class KVSender(_Endpoint):
             np.array(self.plan.addresses(local), dtype=np.uint64), self.mem_type)
         rdesc = self.agent.get_xfer_descs(
             np.array(self.remote_plan.addresses(remote), dtype=np.uint64),
-            _one_mem_type(self.remote_plan))
+            mem_type_of(self.remote_plan))
         try:
             handle = self.agent.initialize_xfer("WRITE", ldesc, rdesc, self.peer.agent, msg)
         except Exception as exc:
