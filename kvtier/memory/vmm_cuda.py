@@ -47,9 +47,10 @@ def load_driver() -> Any:
 class CudaVmmBackend(DeviceBackend):
     """CUDA VMM on every visible device. Not thread-safe (the pool serialises calls)."""
 
-    def __init__(self, home: int = 0) -> None:
+    def __init__(self, home: int = 0, driver: Any = None) -> None:
         self.home = home  # whose context runs address-space calls (any device would do)
-        self.cu = cu = load_driver()
+        # `driver`: a module with the cuda-bindings driver API (default: the installed one)
+        self.cu = cu = driver if driver is not None else load_driver()
         self._check(cu.cuInit(0), "cuInit")
         count = self._check(cu.cuDeviceGetCount(), "cuDeviceGetCount")
         self._count = int(count)
