@@ -89,6 +89,8 @@ class KVTierStorage(HiCacheStorage):
     # -- set-up --------------------------------------------------------------------------------
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
         super().register_mem_pool_host(mem_pool_host)
+        if self.chain is not None:  # registered again (a new pool): start over
+            self.chain.close()
         self.shape = pool_shape(mem_pool_host, mla=self.is_mla)
         cfg = self.storage_config
         extra: tuple[tuple[str, str], ...] = ()
