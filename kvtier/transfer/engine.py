@@ -246,7 +246,8 @@ class CopyEngine:
             job = self._pending.get(job_id)
         if job is None or job.done is None:
             return
-        ev = job.layer_events[layer] if job.layer_events else job.done
+        # a job that failed part-way has fewer layer events: its end covers every layer
+        ev = job.layer_events[layer] if layer < len(job.layer_events) else job.done
         torch.cuda.current_stream(self.dkv.device).wait_event(ev)
 
     def wait(self, job_id: int, timeout: float | None = None) -> TransferResult:

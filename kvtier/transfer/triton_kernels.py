@@ -42,7 +42,7 @@ def copy_items_kernel(
     offset of row 0 of plane p from dev_base and the row stride; plane_ids[k]: the planes this
     launch copies; blocks[i * N_SUB + j]: engine block j of page i; slot_off[i]: element offset
     of page i's payload from host_base. Grid: pages * n_planes_job * N_SUB * cdiv(ITEM, BLOCK)."""
-    CHUNKS: tl.constexpr = (ITEM + BLOCK - 1) // BLOCK
+    CHUNKS = (ITEM + BLOCK - 1) // BLOCK
     pid = tl.program_id(0).to(tl.int64)
     chunk = pid % CHUNKS
     item = pid // CHUNKS
