@@ -28,7 +28,7 @@ GEOMS = {
     "fp32-small": (KVGeometry(2, 1, 32, 8, "float32"), 8),
     "fp8": (KVGeometry(2, 2, 64, 16, "fp8"), 8),
     "mla": (KVGeometry(3, 1, 576, 16, "bfloat16", mla=True), 16),
-    "odd-item": (KVGeometry(2, 1, 24, 4, "float16"), 2),
+    "odd-item": (KVGeometry(2, 1, 12, 4, "float16"), 1),  # 24-byte items
 }
 PATHS = ["triton", "dma", "torch", "auto"]
 
