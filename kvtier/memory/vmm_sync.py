@@ -98,6 +98,19 @@ class FileChannel(MapChannel):
         return [MapOp(str(o[0]), int(o[1]), int(o[2])) for o in data]
 
 
+def default_channel(directory: str | Path, src: int = 0) -> MapChannel:
+    """torch.distributed when a process group is up, else a FileChannel in `directory`
+    (every rank of the TP group must pass the same directory, e.g. under the run dir)."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return TorchDistChannel(src=src)
+    except ImportError:
+        pass
+    return FileChannel(directory)
+
+
 def apply_ops(pool: ElasticPool, ops: Sequence[MapOp]) -> None:
     """Apply a leader's decisions to a follower's pool: map (the tier resolved against the
     follower's own placement order) or unmap the same slots. A follower does no block

@@ -18,6 +18,7 @@ from kvtier.memory.vmm_sync import (
     MapChannel,
     TorchDistChannel,
     apply_ops,
+    default_channel,
     sync_step,
 )
 
@@ -95,6 +96,14 @@ def test_file_channel_two_processes(tmp_path: Path) -> None:
 def test_torch_distributed_channel_two_processes(tmp_path: Path) -> None:
     pytest.importorskip("torch.distributed")
     _run_two(_GlooMain(tmp_path))
+
+
+def test_default_channel_without_process_group_is_a_file_channel(tmp_path: Path) -> None:
+    chan = default_channel(tmp_path / "c")
+    assert isinstance(chan, FileChannel)
+    ops = [MapOp("map", 0, 0), MapOp("unmap", 4096, -1)]
+    assert chan.exchange(ops) == ops
+    assert FileChannel(tmp_path / "c").exchange(None) == ops
 
 
 def test_file_channel_timeout_and_bad_ops(tmp_path: Path) -> None:
