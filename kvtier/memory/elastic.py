@@ -118,6 +118,7 @@ class ElasticPool:
                     out += got
             except KVTierError:
                 self._release_blocks(out)
+                self._trim()
                 raise
             return out
 
@@ -131,8 +132,9 @@ class ElasticPool:
             for b in blocks:
                 if not 0 <= b < self.layout.num_blocks or not self._allocated[b]:
                     raise AllocationError(f"free: block {b} is not allocated")
+            before = len(self._reserve)
             self._release_blocks(blocks)
-            if self._reserve:  # a lowered limit takes effect as soon as slots empty
+            if len(self._reserve) > before:  # a lowered limit bites as soon as slots empty
                 self._limits = self._source.current()
                 self._trim()
 

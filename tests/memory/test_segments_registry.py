@@ -102,3 +102,25 @@ def test_pool_follows_segment_limits_at_run_time(tmp_path: Path) -> None:
     pool.shrink()
     assert reg.get("eng").usage == ((0, 2 * SLOT),)
     assert src.current() == PoolLimits(2 * SLOT, ((1, 4 * SLOT),))
+
+
+def _hammer(run_dir: str, gpu: int) -> None:
+    reg = SegmentRegistry(run_dir)
+    for i in range(1, 31):
+        reg.set_shared("eng", gpu, i)
+
+
+def test_concurrent_writers_lose_no_update(tmp_path: Path) -> None:
+    import multiprocessing as mp
+
+    reg = SegmentRegistry(tmp_path)
+    reg.attach("eng", device_count=4)
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_hammer, args=(str(tmp_path), g)) for g in (1, 2, 3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert reg.get("eng").shared == ((1, 30), (2, 30), (3, 30))
+    assert list(tmp_path.glob("segments/.tmp-*")) == []
