@@ -26,7 +26,7 @@ PY
 nvidia-smi topo -m >"$OUT/topo.txt" 2>&1 || true
 
 # tests first: a wrong byte fails the run before any number is reported
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/transfer/test_registration.py \
+timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/transfer/test_registration.py \
     tests/transfer/test_handshake.py tests/transfer/test_nixl_transport.py 2>&1 \
     | grep -v "NIXL INFO" | tee "$OUT/tests.log"
 if ! grep -q " passed" "$OUT/tests.log" || grep -q -E "[0-9]+ (failed|error)" "$OUT/tests.log"
@@ -34,7 +34,7 @@ then echo "pd.sh: tests failed" >&2; exit 1; fi
 if grep -q "needs 2 CUDA GPUs" "$OUT/tests.log"; then echo "pd.sh: GPU tests skipped" >&2; exit 1; fi
 
 # the bench module directly: the CLI would import every benchmark and its dependencies
-timeout 150 python3 -m kvtier.cli.bench_pd --device cuda --tokens 8192 --repeat 10 \
+timeout 120 python3 -m kvtier.cli.bench_pd --device cuda --tokens 8192 --repeat 8 \
     --save "$OUT" 2>&1 | grep -v "NIXL INFO" | tee "$OUT/bench.log"
 # the summary table last
 cat "$OUT"/pd-cuda-*.md
