@@ -25,6 +25,7 @@ def kv_transfer_config(
     *,
     run_id: str | None = None,
     block_size: int | None = None,
+    stats_path: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """The `--kv-transfer-config` (or `LLM(kv_transfer_config=...)`) document for kvtier.
 
@@ -32,6 +33,7 @@ def kv_transfer_config(
     None uses kvtier's embedded default (host memory + a local disk directory).
     `block_size`: tokens per offloaded page, a multiple of vLLM's block size (default: one
     vLLM block per page). `run_id` names the shared host pool (default: vLLM's engine id).
+    `stats_path`: the engine keeps kvtier's counters there as JSON (read by `kvtier demo`).
     """
     extra: dict[str, Any] = {"spec_name": SPEC_NAME, "spec_module_path": SPEC_MODULE}
     if config is not None:
@@ -42,6 +44,8 @@ def kv_transfer_config(
         extra["kvtier_run_id"] = run_id
     if block_size is not None:
         extra["block_size"] = int(block_size)
+    if stats_path is not None:
+        extra["kvtier_stats_path"] = str(os.fspath(stats_path))
     return {
         "kv_connector": "OffloadingConnector",
         "kv_role": "kv_both",

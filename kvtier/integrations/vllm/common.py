@@ -17,6 +17,7 @@ import contextlib
 import os
 import re
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -107,20 +108,42 @@ def namespace(config: OffloadingConfig, cache_config: CacheConfig) -> Namespace:
 
 
 def pool_path(config: OffloadingConfig) -> Path:
-    """The shared-memory file of the host pool: one per engine (run id or vLLM engine id)."""
-    run_id = str(config.extra_config.get("kvtier_run_id") or config.engine_id)
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:120]
+    """The shared-memory file of the host pool: one per engine (run id and vLLM engine id)."""
+    run_id = str(config.extra_config.get("kvtier_run_id") or "run")
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{run_id}-{config.engine_id}")[:160]
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     return base / f"kvtier-vllm-{safe}.pool"
 
 
-def open_pool(config: OffloadingConfig, cache_config: CacheConfig, *, pin: bool | None) -> HostPool:
-    """Open (creating it if this side comes first) the engine's shared host pool. The manager
-    and the worker size it the same way, so whichever starts first creates the same file."""
+def open_pool(
+    config: OffloadingConfig, cache_config: CacheConfig, *, pin: bool | None, wait_s: float = 60.0
+) -> HostPool:
+    """Open the engine's shared host pool; the manager and the worker size it the same way.
+
+    Whoever comes first creates the file (O_EXCL decides); the second maps it and unlinks the
+    name, so the memory goes back to the system when both processes are gone, however they
+    end. (vLLM builds the worker before the scheduler; either order works.)
+    """
     payload = page_geometry(config).page_bytes
-    return HostPool.for_budget(
-        cache_config.host.budget, payload, pin=pin, shm_path=pool_path(config)
-    )
+    budget = cache_config.host.budget
+    path = pool_path(config)
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    else:
+        return HostPool.for_budget(budget, payload, pin=pin, shm_path=path)
+    deadline = time.monotonic() + wait_s
+    while True:  # the first opener may not have sized the file yet
+        try:
+            pool = HostPool.for_budget(budget, payload, pin=pin, shm_path=path, create=False)
+            break
+        except ConfigError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    remove_pool_file(config)
+    return pool
 
 
 def remove_pool_file(config: OffloadingConfig) -> None:

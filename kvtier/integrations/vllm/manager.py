@@ -11,9 +11,14 @@ promotion and answers HIT_PENDING (vLLM asks again on a later step, and keeps st
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections import OrderedDict
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 from vllm.v1.kv_offload.base import (
     LoadStoreSpec,
@@ -60,6 +65,8 @@ class KVTierOffloadingManager(OffloadingManager):
         *,
         tier_kinds: dict[str, str] | None = None,
         emit_events: bool = False,
+        stats_path: str | os.PathLike[str] | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.cache = cache
         self.namespace = namespace
@@ -70,6 +77,12 @@ class KVTierOffloadingManager(OffloadingManager):
         self._promoted_from: dict[PageKey, str] = {}
         self._events: list[OffloadingEvent] = []
         self._pending = 0  # keys last reported HIT_PENDING and not yet seen HIT
+        self._scan_req: str | None = None  # request whose prefix is being looked up
+        self._scan: list[PageKey] = []  # its keys answered HIT so far (most recent last)
+        self._scan_limit = max(1, cache.config.max_promotion_pages)
+        self._stats_path = Path(stats_path) if stats_path else None
+        self._last_stats: dict[str, Any] | None = None
+        self._on_close = on_close
 
     # -- keys --------------------------------------------------------------------------------
     def _key(self, key: OffloadKey) -> PageKey:
@@ -88,9 +101,23 @@ class KVTierOffloadingManager(OffloadingManager):
         return RequestOffloadingContext()
 
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
-        res = self.cache.lookup([self._key(key)])
-        if res.status == LookupStatus.HIT:
+        k = self._key(key)
+        # vLLM asks key by key along a request's prefix. The keys already answered HIT in this
+        # scan go first, so that a promotion started for this key never evicts them (with a
+        # small host tier that would thrash: each deferred re-scan undoing the last one).
+        scan = self._scan if self._scan_req == req_context.req_id else []
+        if k in scan:  # a new scan of the same request (deferred lookups start over)
+            scan = []
+        res = self.cache.lookup([*scan, k])
+        if res.hits > len(scan):
+            self._scan_req = req_context.req_id
+            self._scan = [*scan, k][-self._scan_limit :]
             return LookupResult.HIT
+        self._scan_req, self._scan = None, []
+        if res.hits < len(scan):  # an earlier page left meanwhile: ask about this one alone
+            res = self.cache.lookup([k])
+            if res.status == LookupStatus.HIT:
+                return LookupResult.HIT
         if res.status == LookupStatus.PENDING:
             self._pending += 1
             return LookupResult.HIT_PENDING
@@ -143,6 +170,8 @@ class KVTierOffloadingManager(OffloadingManager):
     def on_schedule_end(self, context: ScheduleEndContext) -> None:
         self.cache.poll()
         self._drain_events()
+        if self._stats_path is not None:
+            self._write_stats()
 
     def has_pending_work(self) -> bool:
         # Promotions in flight: keep the engine stepping so the deferred lookups are asked again.
@@ -162,6 +191,25 @@ class KVTierOffloadingManager(OffloadingManager):
 
     def shutdown(self) -> None:
         self.cache.close()
+        if self._stats_path is not None:
+            self._write_stats()
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+
+    def _write_stats(self) -> None:
+        """Publish the counters as JSON (the engine runs in another process than its caller)."""
+        doc = stats_doc(self.cache.stats())
+        if doc == self._last_stats or self._stats_path is None:
+            return
+        self._last_stats = doc
+        tmp = self._stats_path.with_name(self._stats_path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, self._stats_path)
+        except OSError as exc:  # stats are best effort; never fail the engine for them
+            log.warning("cannot write kvtier stats to %s: %s", self._stats_path, exc)
+            self._stats_path = None
 
     # -- events ------------------------------------------------------------------------------
     def _drain_events(self) -> None:
@@ -191,3 +239,11 @@ class KVTierOffloadingManager(OffloadingManager):
         return OffloadingEvent(
             keys, Medium.STORAGE, removed=removed, locality=locality, ownership=ev.tier
         )
+
+
+def stats_doc(stats: CacheStats) -> dict[str, Any]:
+    """CacheStats as plain JSON values; `hits` maps tier name -> pages loaded from it."""
+    doc = asdict(stats)
+    doc["tiers"] = {t.name: asdict(t) for t in stats.tiers}
+    doc["hits"] = {t.name: t.hits for t in stats.tiers}
+    return doc

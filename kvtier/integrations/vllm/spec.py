@@ -8,6 +8,7 @@
             "kvtier_config": {...} or "/path/to/kvtier.yaml",   # optional: embedded default
             "block_size": 64,          # optional: tokens per kvtier page (k vLLM blocks)
             "kvtier_run_id": "...",    # optional: names the shared host pool file
+            "kvtier_stats_path": "...",  # optional: the manager keeps its counters here (JSON)
         }}
 
 (`kvtier vllm-args` prints it.) The scheduler process builds the manager (a TieredCache), each
@@ -59,6 +60,8 @@ class KVTierOffloadingSpec(OffloadingSpec):
                 {g.group_id: i for i, g in enumerate(cfg.groups)},
                 tier_kinds={t.name: t.kind for t in self.cache_config.tiers},
                 emit_events=self.kv_events_config.enable_kv_cache_events,
+                stats_path=cfg.extra_config.get("kvtier_stats_path"),
+                on_close=lambda: common.remove_pool_file(cfg),
             )
             log.info("kvtier offloading manager: %s", common.describe(cfg))
         return self._manager
