@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import time
 from typing import Any
 
@@ -99,10 +100,32 @@ def run(args: argparse.Namespace) -> int:
         rows.append(row("cuda rows", None, "", "", None, gpu_note))
     if args.json:
         print(json.dumps({"bench": "vmm", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                          "rows": rows}, indent=1))
+                          "device": _device_name(), "commit": _commit(), "rows": rows},
+                         indent=1))
     else:
         print(format_table(rows))
     return 0  # missed goals are reported in the table; wrong results raise
+
+
+def _device_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            n = torch.cuda.device_count()
+            return f"{n} x {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return "cpu (simulated backend)"
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=False)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def format_table(rows: list[Row]) -> str:
