@@ -71,9 +71,9 @@ def test_cascade_down_disk_and_redis(tmp_path: Path, redis_srv: RedisServer) -> 
 
 
 def test_demote_into_redis_then_promote_back(redis_srv: RedisServer) -> None:
-    cache = make(4, [redis_tier(redis_srv, "demote")])
-    ks = keys(8)
-    store_all(cache, ks)  # host holds 4: the rest were demoted on eviction
+    cache = make(8, [redis_tier(redis_srv, "demote")])
+    ks = keys(16)
+    store_all(cache, ks)  # host holds at most 8: the oldest were demoted on eviction
     got = events(cache)
     assert (EventKind.DEMOTED, "redis") in got and (EventKind.STORED, "redis") not in got
     first = cache.lookup(ks[:4])
@@ -108,9 +108,12 @@ def test_redis_killed_cache_serves_from_disk_and_reconnects(
     redis_srv.restart()
     again = keys(2, start=20_000)
     deadline = time.monotonic() + 10
+    fresh = 30_000
     while (EventKind.STORED, "redis") not in events(cache):
         assert time.monotonic() < deadline, "redis tier did not reconnect"
-        store_all(cache, keys(1, start=30_000 + int(time.monotonic() * 1000) % 10_000))
+        fresh += 100  # a new page each round: only new pages cascade
+        store_all(cache, keys(1, start=fresh))
+        time.sleep(0.05)
     store_all(cache, again)
     finish(cache)
 
