@@ -74,7 +74,8 @@ class KVTierOffloadingManager(OffloadingManager):
         self.tier_kinds = tier_kinds or {}
         self.emit_events = emit_events
         self._vkey: OrderedDict[PageKey, OffloadKey] = OrderedDict()
-        self._promoted_from: dict[PageKey, str] = {}
+        self._promoted_from: dict[PageKey, str] = {}  # promoted, not loaded yet: tier name
+        self._load_src: dict[PageKey, str] = {}  # the same, for the last prepare_load
         self._events: list[OffloadingEvent] = []
         self._pending = 0  # keys last reported HIT_PENDING and not yet seen HIT
         self._scan_req: str | None = None  # request whose prefix is being looked up
@@ -128,7 +129,8 @@ class KVTierOffloadingManager(OffloadingManager):
 
     def get_load_source(self, key: OffloadKey, req_context: ReqContext) -> CacheHitSource:
         self._drain_events()
-        tier = self._promoted_from.get(self._key(key))
+        k = self._key(key)
+        tier = self._load_src.get(k) or self._promoted_from.get(k)
         if tier is None:
             return CacheHitSource.HOST
         return _SOURCES.get(self.tier_kinds.get(tier, tier), CacheHitSource.EXTERNAL_UNSPECIFIED)
@@ -136,8 +138,8 @@ class KVTierOffloadingManager(OffloadingManager):
     def prepare_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> LoadStoreSpec:
         plan = self.cache.prepare_load(self._keys(keys))
         groups = [self.group_pos[get_offload_group_idx(k)] for k in keys]
-        for k in plan.keys:
-            self._promoted_from.pop(k, None)
+        # vLLM asks for the hit source right after this; later loads are host hits.
+        self._load_src = {k: t for k in plan.keys if (t := self._promoted_from.pop(k, None))}
         return KVTierLoadStoreSpec(plan.slots, groups)
 
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:

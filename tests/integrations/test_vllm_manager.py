@@ -1,0 +1,141 @@
+"""The scheduler-side manager against a real TieredCache (host + disk), without an engine."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm.v1.kv_offload.base import (  # noqa: E402
+    LookupResult,
+    Medium,
+    ReqContext,
+    ScheduleEndContext,
+    make_offload_key,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource  # noqa: E402
+
+from kvtier.cache import TieredCache  # noqa: E402
+from kvtier.geometry import KVGeometry  # noqa: E402
+from kvtier.integrations.vllm.common import KVTierLoadStoreSpec  # noqa: E402
+from kvtier.integrations.vllm.manager import KVTierOffloadingManager, stats_doc  # noqa: E402
+from kvtier.keys import Namespace  # noqa: E402
+from kvtier.memory.host_pool import HostPool  # noqa: E402
+
+GEO = KVGeometry(2, 1, 64, 32, "float32")
+NS = Namespace("tiny", GEO, extra=(("engine", "vllm"),))
+
+
+def make(tmp_path: Path, slots: int, *, disk: bool = True) -> KVTierOffloadingManager:
+    cfg: dict[str, object] = {"host": {"budget": "1GiB"}, "headroom": 0.0}
+    if disk:
+        cfg["tiers"] = [{"kind": "disk", "path": str(tmp_path / "disk"), "budget": "64MiB"}]
+    pool = HostPool(slots, GEO.page_bytes, pin=False)
+    cache = TieredCache(cfg, NS, host_pool=pool)
+    return KVTierOffloadingManager(
+        cache, NS, {0: 0, 3: 1}, tier_kinds={"disk": "disk"}, emit_events=True
+    )
+
+
+def vkeys(n: int, group: int = 0, tag: bytes = b"h") -> list[bytes]:
+    return [make_offload_key(tag + bytes([i]) * 31, group) for i in range(n)]
+
+
+def store(m: KVTierOffloadingManager, keys: list[bytes], ctx: ReqContext) -> None:
+    out = m.prepare_store(keys, ctx)
+    assert out is not None
+    assert isinstance(out.store_spec, KVTierLoadStoreSpec)
+    m.complete_store(out.keys_to_store, ctx)
+
+
+def settle(m: KVTierOffloadingManager) -> None:
+    m.cache.drain()
+    m.on_schedule_end(ScheduleEndContext((), ()))
+
+
+def test_store_then_hit_and_load(tmp_path: Path) -> None:
+    m = make(tmp_path, 8)
+    ctx = ReqContext("r1")
+    keys = vkeys(3) + vkeys(2, group=3)
+    assert m.lookup(keys[0], ctx) is LookupResult.MISS
+    out = m.prepare_store(keys, ctx)
+    assert out is not None and out.keys_to_store == keys
+    spec = out.store_spec
+    assert isinstance(spec, KVTierLoadStoreSpec)
+    assert spec.groups == [0, 0, 0, 1, 1] and len(set(spec.slots)) == 5
+    # Not yet complete: another request is told to retry, not to miss.
+    assert m.lookup(keys[0], ReqContext("r2")) is LookupResult.RETRY
+    m.complete_store(set(keys), ctx)
+    assert all(m.lookup(k, ctx) is LookupResult.HIT for k in keys)
+    load = m.prepare_load(keys[:2], ctx)
+    assert isinstance(load, KVTierLoadStoreSpec)
+    assert load.slots == spec.slots[:2]
+    assert m.get_load_source(keys[0], ctx) is CacheHitSource.HOST
+    m.complete_load(set(keys[:2]), ctx)
+    # Already cached: nothing to write.
+    again = m.prepare_store(keys, ctx)
+    assert again is not None and again.keys_to_store == []
+    settle(m)
+    events = list(m.take_events())
+    stored = [e for e in events if e.medium is Medium.CPU and not e.removed]
+    assert stored and set(stored[0].keys) == set(keys)
+    assert any(e.medium is Medium.STORAGE and e.ownership == "disk" for e in events)
+    m.cache.check_integrity()
+    assert m.cache.pins() == 0
+    m.shutdown()
+
+
+def test_eviction_reports_vllm_keys(tmp_path: Path) -> None:
+    m = make(tmp_path, 2, disk=False)
+    ctx = ReqContext("r")
+    store(m, vkeys(2, tag=b"a"), ctx)
+    out = m.prepare_store(vkeys(2, tag=b"b"), ctx)
+    assert out is not None
+    assert set(out.evicted_keys) == set(vkeys(2, tag=b"a"))
+    removed = [e for e in m.take_events() if e.removed]
+    assert removed and set(removed[0].keys) == set(vkeys(2, tag=b"a"))
+    m.shutdown()
+
+
+def scan(m: KVTierOffloadingManager, keys: list[bytes], ctx: ReqContext) -> int | None:
+    """vLLM's maximal-prefix lookup: the hit count, or None when it must ask again."""
+    hits, defer = 0, False
+    for k in keys:
+        r = m.lookup(k, ctx)
+        if r is LookupResult.MISS:
+            break
+        if r in (LookupResult.HIT_PENDING, LookupResult.RETRY):
+            defer = True
+        if r is not LookupResult.RETRY:
+            hits += 1
+    return None if defer else hits
+
+
+def test_promotion_from_disk_converges_with_a_small_host_tier(tmp_path: Path) -> None:
+    m = make(tmp_path, 4)
+    ctx = ReqContext("w")
+    prefix = vkeys(4, tag=b"p")
+    store(m, prefix, ctx)
+    settle(m)  # cascaded to disk
+    store(m, vkeys(4, tag=b"f"), ctx)  # evicts the prefix from host memory
+    settle(m)
+    req = ReqContext("again")
+    result = scan(m, prefix, req)
+    assert result is None  # promotions started: vLLM asks again later
+    assert m.has_pending_work()
+    deadline = time.monotonic() + 10
+    while result is None and time.monotonic() < deadline:
+        settle(m)
+        result = scan(m, prefix, req)
+    # The host tier holds exactly the prefix: the re-scans must not evict what they promoted.
+    assert result == 4
+    m.prepare_load(prefix, req)
+    assert {m.get_load_source(k, req) for k in prefix} == {CacheHitSource.DISK}
+    m.complete_load(set(prefix), req)
+    doc = stats_doc(m.stats())
+    assert doc["hits"]["disk"] == 4 and doc["hits"]["host"] == 0
+    m.cache.check_integrity()
+    m.shutdown()
