@@ -17,8 +17,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from kvtier.integrations.vllm.demo import run_workload  # noqa: E402
-from kvtier.integrations.vllm.tiny_model import build_tiny_model  # noqa: E402
+from kvtier.integrations.vllm.demo import run_workload
+from kvtier.integrations.vllm.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.slow
 

@@ -9,21 +9,21 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from vllm.v1.kv_offload.base import (  # noqa: E402
+from vllm.v1.kv_offload.base import (
     LookupResult,
     Medium,
     ReqContext,
     ScheduleEndContext,
     make_offload_key,
 )
-from vllm.v1.metrics.cache_hit_source import CacheHitSource  # noqa: E402
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvtier.cache import TieredCache  # noqa: E402
-from kvtier.geometry import KVGeometry  # noqa: E402
-from kvtier.integrations.vllm.common import KVTierLoadStoreSpec  # noqa: E402
-from kvtier.integrations.vllm.manager import KVTierOffloadingManager, stats_doc  # noqa: E402
-from kvtier.keys import Namespace  # noqa: E402
-from kvtier.memory.host_pool import HostPool  # noqa: E402
+from kvtier.cache import TieredCache
+from kvtier.geometry import KVGeometry
+from kvtier.integrations.vllm.common import KVTierLoadStoreSpec
+from kvtier.integrations.vllm.manager import KVTierOffloadingManager, stats_doc
+from kvtier.keys import Namespace
+from kvtier.memory.host_pool import HostPool
 
 GEO = KVGeometry(2, 1, 64, 32, "float32")
 NS = Namespace("tiny", GEO, extra=(("engine", "vllm"),))

@@ -10,14 +10,14 @@ import pytest
 
 pytest.importorskip("vllm")
 
-import torch  # noqa: E402
-from vllm.v1.kv_offload.base import (  # noqa: E402
+import torch
+from vllm.v1.kv_offload.base import (
     CanonicalKVCacheRef,
     CanonicalKVCaches,
     CanonicalKVCacheTensor,
     GPULoadStoreSpec,
 )
-from vllm.v1.kv_offload.config import (  # noqa: E402
+from vllm.v1.kv_offload.config import (
     OffloadingCacheConfig,
     OffloadingConfig,
     OffloadingGroupConfig,
@@ -25,13 +25,13 @@ from vllm.v1.kv_offload.config import (  # noqa: E402
     OffloadingParallelConfig,
 )
 
-from kvtier.cache import CacheConfig  # noqa: E402
-from kvtier.errors import ConfigError  # noqa: E402
-from kvtier.geometry import KVGeometry  # noqa: E402
-from kvtier.integrations.vllm import common  # noqa: E402
-from kvtier.integrations.vllm.common import KVTierLoadStoreSpec  # noqa: E402
-from kvtier.integrations.vllm.worker import KVTierOffloadingWorker  # noqa: E402
-from kvtier.memory.host_pool import HostPool  # noqa: E402
+from kvtier.cache import CacheConfig
+from kvtier.errors import ConfigError
+from kvtier.geometry import KVGeometry
+from kvtier.integrations.vllm import common
+from kvtier.integrations.vllm.common import KVTierLoadStoreSpec
+from kvtier.integrations.vllm.worker import KVTierOffloadingWorker
+from kvtier.memory.host_pool import HostPool
 
 H, D, BS, NB = 2, 32, 16, 12
 
@@ -88,7 +88,8 @@ def test_canonical_pages_of_two_blocks_and_a_partial_load() -> None:
     run(w, 2, False, GPULoadStoreSpec([9], [1], [1]), KVTierLoadStoreSpec([3], [0]))
     for t in layers:
         assert torch.equal(t[9], t[4])
-    run(w, 3, False, GPULoadStoreSpec([10, 11, 7, 8], [4], [0]), KVTierLoadStoreSpec([3, 0], [0, 0]))
+    full = GPULoadStoreSpec([10, 11, 7, 8], [4], [0])
+    run(w, 3, False, full, KVTierLoadStoreSpec([3, 0], [0, 0]))
     for t in layers:
         assert torch.equal(t[10], t[1]) and torch.equal(t[11], t[4])
         assert torch.equal(t[7], t[6]) and torch.equal(t[8], t[2])
@@ -116,7 +117,9 @@ def test_hybrid_groups_share_one_job() -> None:
     w.shutdown()
 
 
-def offloading_config(run_id: str, world: int = 1, bytes_per_block: int = 16384) -> OffloadingConfig:
+def offloading_config(
+    run_id: str, world: int = 1, bytes_per_block: int = 16384
+) -> OffloadingConfig:
     return OffloadingConfig(
         groups=(OffloadingGroupConfig(BS, ("l0", "l1"), 0),),
         worker_kv_bytes_per_block=bytes_per_block,
