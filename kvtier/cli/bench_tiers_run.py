@@ -31,10 +31,19 @@ class Row:
     raw_gbs: float  # the same store through its own client, same pages, same run
     raw_what: str
     seq_gbs: float | None = None  # disk only: sequential I/O of the same bytes
+    verify_gbs: float | None = None  # loads: blob verification alone (the tier must do it)
 
     @property
     def ratio(self) -> float:
         return self.tier_gbs / self.raw_gbs if self.raw_gbs else 0.0
+
+    @property
+    def verified_raw_gbs(self) -> float | None:
+        """Raw load followed by the blob check, one after the other: what a tier that
+        verifies every page could reach without overlapping the two."""
+        if not self.verify_gbs or self.op != "load":
+            return None
+        return 1 / (1 / self.raw_gbs + 1 / self.verify_gbs)
 
     @property
     def seq_ratio(self) -> float | None:
@@ -101,6 +110,21 @@ def best_gbs(nbytes: int, fn: Callable[[], object], repeat: int,
             before()
         best = min(best, timed(fn))
     return nbytes / best / 1e9
+
+
+Pass = tuple[Callable[[], object], Callable[[], None] | None]  # (measured, untimed setup)
+
+
+def interleaved(nbytes: int, repeat: int, passes: Sequence[Pass]) -> list[float]:
+    """GB/s of each pass, best of `repeat`, running them in turn each round so that a busy
+    neighbour or a warming cache affects the tier and its baseline alike."""
+    best = [float("inf")] * len(passes)
+    for _ in range(repeat):
+        for i, (fn, before) in enumerate(passes):
+            if before is not None:
+                before()
+            best[i] = min(best[i], timed(fn))
+    return [nbytes / t / 1e9 for t in best]
 
 
 def tier_pass(tier: ThreadedTier, op: str, items: Sequence[Item], batch: int) -> None:
