@@ -20,6 +20,7 @@ import yaml
 
 from kvtier.cache import CacheConfig
 from kvtier.errors import ConfigError
+from kvtier.integrations.vllm.demo import DemoSettings
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -41,13 +42,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "kvtier, and compare per-tier hits, reused prompt tokens, TTFT and output tokens.",
     )
     d.add_argument("--json", action="store_true", help="print one JSON object")
-    d.add_argument("--sessions", type=int, default=4, help="concurrent conversations")
-    d.add_argument("--turns", type=int, default=3, help="turns per conversation")
-    d.add_argument("--system-tokens", type=int, default=256, help="shared system prompt length")
-    d.add_argument("--user-tokens", type=int, default=64, help="new user tokens per turn")
-    d.add_argument("--max-tokens", type=int, default=16, help="tokens generated per turn")
-    d.add_argument("--gpu-blocks", type=int, default=24, help="vLLM KV blocks (32 tokens each)")
-    d.add_argument("--host-budget", default="640KiB", help="kvtier host tier budget")
+    dflt = DemoSettings()
+    d.add_argument("--sessions", type=int, default=dflt.sessions, help="conversations")
+    d.add_argument("--turns", type=int, default=dflt.turns, help="turns per conversation")
+    d.add_argument("--system-tokens", type=int, default=dflt.system_tokens,
+                   help="shared system prompt length")  # fmt: skip
+    d.add_argument("--user-tokens", type=int, default=dflt.user_tokens,
+                   help="new user tokens per turn")  # fmt: skip
+    d.add_argument("--max-tokens", type=int, default=dflt.max_tokens,
+                   help="tokens generated per turn")  # fmt: skip
+    d.add_argument("--gpu-blocks", type=int, default=dflt.gpu_blocks,
+                   help="vLLM KV blocks of 32 tokens (default: one conversation's worth)")
+    d.add_argument("--host-budget", default=dflt.host_budget, help="kvtier host tier budget")
+    d.add_argument("--model", choices=("demo", "llama"), default=dflt.model,
+                   help="tiny random model: demo (4 layers, hidden 512) or llama (2 x 128)")
     d.add_argument("--model-dir", help="where the tiny model is cached (~/.cache/kvtier/models)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)
@@ -78,11 +86,13 @@ def _positive(name: str, value: int) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from kvtier.integrations.vllm.demo import DemoSettings, run_demo
+    from kvtier.integrations.vllm.demo import run_demo
     from kvtier.units import parse_size
 
-    for name in ("sessions", "turns", "system_tokens", "user_tokens", "max_tokens", "gpu_blocks"):
+    for name in ("sessions", "turns", "system_tokens", "user_tokens", "max_tokens"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.gpu_blocks < 0:
+        raise ConfigError("--gpu-blocks", args.gpu_blocks, "0 (automatic) or a positive count")
     parse_size(args.host_budget, "--host-budget")
     settings = DemoSettings(
         sessions=args.sessions,
@@ -92,6 +102,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         gpu_blocks=args.gpu_blocks,
         host_budget=args.host_budget,
+        model=args.model,
     )
     report = run_demo(settings, model_dir=args.model_dir, progress=not args.no_progress)
     if args.json:

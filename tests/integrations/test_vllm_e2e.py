@@ -107,7 +107,7 @@ def test_demo_json_smallest() -> None:
     res = kvtier_cli(
         "demo", "--json", "--no-progress", "--sessions", "2", "--turns", "2",
         "--system-tokens", "96", "--user-tokens", "32", "--max-tokens", "4",
-        "--gpu-blocks", "12", "--host-budget", "2MiB",
+        "--gpu-blocks", "8", "--host-budget", "2MiB", "--model", "llama",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout)

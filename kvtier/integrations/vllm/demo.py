@@ -24,13 +24,14 @@ from kvtier.errors import KVTierError
 @dataclass(frozen=True)
 class DemoSettings:
     sessions: int = 4
-    turns: int = 3
-    system_tokens: int = 256
-    user_tokens: int = 64
+    turns: int = 4
+    system_tokens: int = 512
+    user_tokens: int = 96
     max_tokens: int = 16
-    gpu_blocks: int = 24  # vLLM KV budget (32-token blocks): far less than the conversations
-    host_budget: str = "640KiB"  # about 16 pages of the tiny model: the rest lives on disk
+    gpu_blocks: int = 0  # vLLM KV blocks of 32 tokens; 0: one conversation's worth
+    host_budget: str = "4MiB"  # about 30 pages of the demo model: the rest lives on disk
     disk_budget: str = "256MiB"
+    model: str = "demo"  # tiny_model kind
     seed: int = 0
 
     def max_prompt(self) -> int:
@@ -139,7 +140,7 @@ def run_demo(
     """Build (or reuse) the tiny model, run the chat without then with kvtier, compare."""
     from kvtier.integrations.vllm.tiny_model import build_tiny_model
 
-    model = str(build_tiny_model("llama", model_dir))
+    model = str(build_tiny_model(s.model, model_dir))
     n_req = s.sessions * s.turns
     bar: Any = None
     if progress:

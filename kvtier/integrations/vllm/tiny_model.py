@@ -23,6 +23,18 @@ TINY_LLAMA = {
 }
 
 
+# Big enough that a prefill costs real time on a CPU (what kvtier saves), small enough to start
+# in seconds: about 12M parameters.
+DEMO_LLAMA = dict(
+    TINY_LLAMA,
+    num_hidden_layers=4,
+    hidden_size=512,
+    intermediate_size=1024,
+    num_attention_heads=8,
+    num_key_value_heads=2,  # head size 64
+)
+
+
 def default_model_dir() -> Path:
     base = os.environ.get("KVTIER_MODEL_DIR")
     if base:
@@ -34,15 +46,16 @@ def default_model_dir() -> Path:
 def build_tiny_model(
     kind: str = "llama", directory: str | os.PathLike[str] | None = None, seed: int = 0
 ) -> Path:
-    """Build (or reuse) the tiny random model `kind` ("llama" or "hybrid") and return its path.
+    """Build (or reuse) the tiny random model `kind` and return its path: "llama" (2 layers,
+    hidden 128), "demo" (4 layers, hidden 512) or "hybrid" (see below).
 
     "hybrid" is a 4-layer Llama whose layers alternate sliding-window (64 tokens) and full
     attention.
     """
-    if kind not in ("llama", "hybrid"):
+    if kind not in ("llama", "demo", "hybrid"):
         from kvtier.errors import ConfigError
 
-        raise ConfigError("model kind", kind, ["llama", "hybrid"])
+        raise ConfigError("model kind", kind, ["llama", "demo", "hybrid"])
     root = Path(directory) if directory is not None else default_model_dir()
     path = root / f"tiny-{kind}-s{seed}"
     marker = path / "kvtier-model.json"
@@ -52,7 +65,8 @@ def build_tiny_model(
     import transformers
 
     torch.manual_seed(seed)
-    params: dict[str, Any] = dict(TINY_LLAMA, torch_dtype="float32")
+    params: dict[str, Any] = dict(DEMO_LLAMA if kind == "demo" else TINY_LLAMA)
+    params["torch_dtype"] = "float32"
     if kind == "hybrid":
         # vLLM's Llama reads `layer_types`: two sliding-window layers and two full ones become
         # two KV-cache groups under the hybrid allocator.
