@@ -49,11 +49,19 @@ servers() {
 nixl() {
   core
   # nixl's wheel names the CUDA torch as a dependency; it runs on CPU with UCX, so no deps.
-  have_py nixl || $PIP --no-deps "nixl-cu12==1.5.1" "nixl==1.5.1"
+  have_py nixl_cu12 || $PIP --no-deps "nixl-cu12==1.5.1"
+  # the NIXL object tier is tested against a local S3 server
+  have_py moto.server || $PIP "moto[server]" "$TORCH"
 }
 
+SIDECAR=.cache/sidecar
 sglang() {
   core
+  $PY -m pip show sglang >/dev/null 2>&1 || $PIP --no-deps "sglang==0.5.23"
+  # SGLang imports triton, whose PyPI build breaks `import vllm.config` next to the CPU torch;
+  # it lives in a side folder that only the SGLang and Triton-interpreter tests put on their path.
+  [ -d "$SIDECAR/triton" ] || $PY -m pip install -q --disable-pip-version-check --no-deps \
+    --target "$SIDECAR" "triton==3.6.0" orjson pybase64
 }
 
 case "${1:-core}" in

@@ -17,7 +17,7 @@ BENCHMARKS: dict[str, str] = {
 }
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("bench", help="run a benchmark")
     bsub = parser.add_subparsers(dest="bench", metavar="NAME", required=True)
     for name, help_text in BENCHMARKS.items():

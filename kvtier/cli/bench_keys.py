@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 
 from kvtier.cache import TieredCache
 from kvtier.geometry import KVGeometry
@@ -21,14 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true")
 
 
-def _rate(fn: object, per_call: int, seconds: float) -> float:
-    call = fn  # type: ignore[assignment]
-    call()  # type: ignore[operator]
+def _rate(call: Callable[[], object], per_call: int, seconds: float) -> float:
+    call()
     n = 0
     start = time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds:
         for _ in range(50):
-            call()  # type: ignore[operator]
+            call()
         n += 50
     return n * per_call / elapsed
 

@@ -146,7 +146,7 @@ class HostPool:
     def blob(self, s: int) -> memoryview:
         """Header + payload of slot s as a writable memoryview (what lower tiers store)."""
         t = self.tensor[s, : HEADER_SIZE + self.payload_bytes]
-        return memoryview(t.numpy()).cast("B")
+        return t.numpy().data.cast("B")
 
     def check_integrity(self) -> None:
         with self._lock:
