@@ -45,6 +45,16 @@ class TransferReport:
     seconds: float
 
 
+@dataclass(frozen=True)
+class PreparedSend:
+    """NIXL handles for one set of blocks, built once and posted any number of times."""
+
+    dst: dict[int, list[int]]
+    nbytes: int
+    descriptors: int
+    handles: tuple[Any, ...]
+
+
 def mem_type_of(plan: RegistrationPlan) -> str:
     """The one memory type ("DRAM" or "VRAM") of a plan's regions; ConfigError if mixed."""
     kinds = {r.mem_type for r in plan.regions}
@@ -58,7 +68,8 @@ class NixlEndpoint:
 
     def __init__(self, role: str, spec: KVCacheSpec, tensors: Mapping[str, TensorMemory],
                  fingerprint: bytes, name: str | None = None, backends: Sequence[str] = ("UCX",),
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0,
+                 backend_params: Mapping[str, Mapping[str, str]] | None = None) -> None:
         self.fingerprint = check_fingerprint(fingerprint)
         self.plan = RegistrationPlan(spec, tensors)
         self.tensors = dict(tensors)
@@ -66,7 +77,16 @@ class NixlEndpoint:
         self.timeout = timeout
         self.name = name or f"kvtier-{role}-{id(self):x}-{next(_names)}"
         api = load_nixl()
-        self.agent = api.nixl_agent(self.name, api.nixl_agent_config(backends=list(backends)))
+        params = {b: dict(p) for b, p in (backend_params or {}).items()}
+        unknown = sorted(set(params) - set(backends))
+        if unknown:
+            raise ConfigError("backend_params", unknown, f"params of listed backends {backends}")
+        # backends with parameters (e.g. UCX num_workers) are created after the agent
+        self.agent = api.nixl_agent(self.name, api.nixl_agent_config(
+            backends=[b for b in backends if b not in params]))
+        for b, p in params.items():
+            if b in self.agent.plugin_list:
+                self.agent.create_backend(b, p)
         missing = [b for b in backends if b not in self.agent.backends]
         if missing:
             raise ConfigError("backends", missing, f"backends NIXL has: {self.agent.plugin_list}")

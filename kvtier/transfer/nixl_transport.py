@@ -14,6 +14,8 @@ the backend: DRAM over TCP/shared memory on CPU, VRAM over cuda_ipc/NVLink on GP
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import socket
 import time
 from collections.abc import Mapping, Sequence
@@ -21,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from kvtier.errors import ConfigError
 from kvtier.geometry.groups import KVCacheSpec
 from kvtier.transfer.handshake import (
     ACCEPT,
@@ -36,13 +39,20 @@ from kvtier.transfer.handshake import (
     recv_frame,
     send_frame,
 )
-from kvtier.transfer.nixl_endpoint import NixlEndpoint, TransferReport, load_nixl, mem_type_of
+from kvtier.transfer.nixl_endpoint import (
+    NixlEndpoint,
+    PreparedSend,
+    TransferReport,
+    load_nixl,
+    mem_type_of,
+)
 from kvtier.transfer.registration import TensorMemory
 
-__all__ = ["KVReceiver", "KVSender", "TransferReport", "load_nixl"]
+__all__ = ["KVReceiver", "KVSender", "PreparedSend", "TransferReport", "load_nixl"]
 
 _POLL_S = 0.0005
 _GRACE_S = 0.5
+_SPIN_S = 0.02
 
 
 class KVReceiver(NixlEndpoint):
@@ -171,57 +181,111 @@ class KVSender(NixlEndpoint):
         assert self.peer is not None
         return self.peer.agent
 
+    def prepare(self, src_blocks: Mapping[int, Sequence[int]],
+                dst_blocks: Mapping[int, Sequence[int]], parts: int = 1) -> PreparedSend:
+        """Validate blocks and build NIXL transfer handles once, for `post` to reuse.
+
+        `parts` > 1 splits the descriptors into that many handles posted together (several
+        requests in flight; with UCX `num_workers` > 1 they spread over workers). Raises
+        ConfigError for bad block ids, TransferError when NIXL refuses the descriptors. The
+        handles stay valid until `release`; post one PreparedSend at a time.
+        """
+        if self.peer is None or self.remote_plan is None:
+            raise TransferError("prepare() before connect()")
+        if parts < 1:
+            raise ConfigError("parts", parts, "an integer >= 1")
+        src = {int(g): list(ids) for g, ids in src_blocks.items() if len(ids)}
+        dst = {int(g): list(ids) for g, ids in dst_blocks.items() if len(ids)}
+        local, remote = self.plan.transfer_descriptors(src, self.remote_plan, dst)
+        nbytes = sum(d.nbytes for d in local)
+        handles: list[Any] = []
+        if local:
+            laddr = np.array(self.plan.addresses(local), dtype=np.uint64)
+            raddr = np.array(self.remote_plan.addresses(remote), dtype=np.uint64)
+            rtype = mem_type_of(self.remote_plan)
+            # split by bytes, not by count: equal shares keep the parts finishing together
+            cuts = np.searchsorted(np.cumsum(laddr[:, 1]), np.arange(1, parts) * nbytes / parts)
+            bounds = sorted({0, len(local), *(min(int(c) + 1, len(local)) for c in cuts)})
+            try:
+                for a, b in itertools.pairwise(bounds):
+                    handles.append(self.agent.initialize_xfer(
+                        "WRITE", self.agent.get_xfer_descs(laddr[a:b], self.mem_type),
+                        self.agent.get_xfer_descs(raddr[a:b], rtype), self.peer.agent))
+            except Exception as exc:
+                self.release(PreparedSend(dst, nbytes, len(local), tuple(handles)))
+                raise TransferError(f"NIXL refused the transfer: {exc}") from exc
+        return PreparedSend(dst, nbytes, len(local), tuple(handles))
+
+    def post(self, prepared: PreparedSend, request_id: str,
+             timeout: float | None = None) -> TransferReport:
+        """Run a prepared transfer, wait until all its parts are done, then notify the peer.
+
+        The notification goes out only after every part completed, so the receiver never sees
+        it before its blocks hold the data. Raises PeerGone / TransferError / TransferTimeout;
+        the receiver then never sees a completion for this request.
+        """
+        if self.peer is None:
+            raise TransferError("post() before connect()")
+        msg = notification(request_id, self.fingerprint, prepared.dst, prepared.nbytes)
+        start = time.monotonic()
+        deadline = start + (timeout or self.timeout)
+        if len(prepared.handles) == 1:
+            # one part: NIXL sends the notification itself right after the data completes
+            self._poll(prepared.handles, request_id, deadline, msg)
+        else:
+            self._poll(prepared.handles, request_id, deadline, b"")
+            self.agent.send_notif(self.peer.agent, msg)
+        return TransferReport(request_id, prepared.nbytes, prepared.descriptors,
+                              time.monotonic() - start)
+
+    def release(self, prepared: PreparedSend) -> None:
+        """Free a prepared transfer's handles; safe after a failed post."""
+        for h in prepared.handles:
+            # an aborted transfer may refuse release; the agent reaps it on close
+            with contextlib.suppress(Exception):
+                self.agent.release_xfer_handle(h)
+
     def send(self, request_id: str, src_blocks: Mapping[int, Sequence[int]],
              dst_blocks: Mapping[int, Sequence[int]],
              timeout: float | None = None) -> TransferReport:
         """WRITE src_blocks into the receiver's dst_blocks ({group: ids}) and wait until done.
 
         Raises ConfigError for bad block ids, PeerGone / TransferError / TransferTimeout when
-        the transfer fails; the receiver then never sees a completion for this request.
+        the transfer fails; the receiver then never sees a completion for this request. The
+        report's seconds include preparing the descriptors.
         """
-        if self.peer is None or self.remote_plan is None:
-            raise TransferError("send() before connect()")
-        src = {int(g): list(ids) for g, ids in src_blocks.items() if len(ids)}
-        dst = {int(g): list(ids) for g, ids in dst_blocks.items() if len(ids)}
-        local, remote = self.plan.transfer_descriptors(src, self.remote_plan, dst)
-        nbytes = sum(d.nbytes for d in local)
-        msg = notification(request_id, self.fingerprint, dst, nbytes)
-        if not local:
-            self.agent.send_notif(self.peer.agent, msg)
-            return TransferReport(request_id, 0, 0, 0.0)
         start = time.monotonic()
-        deadline = start + (timeout or self.timeout)
-        ldesc = self.agent.get_xfer_descs(
-            np.array(self.plan.addresses(local), dtype=np.uint64), self.mem_type)
-        rdesc = self.agent.get_xfer_descs(
-            np.array(self.remote_plan.addresses(remote), dtype=np.uint64),
-            mem_type_of(self.remote_plan))
+        prepared = self.prepare(src_blocks, dst_blocks)
         try:
-            handle = self.agent.initialize_xfer("WRITE", ldesc, rdesc, self.peer.agent, msg)
-        except Exception as exc:
-            raise TransferError(f"request {request_id}: NIXL refused the transfer: {exc}") from exc
-        try:
-            self._poll(handle, request_id, deadline)
+            report = self.post(prepared, request_id, timeout)
         finally:
-            # an aborted transfer may refuse release; the agent reaps it on close
-            with contextlib.suppress(Exception):
-                self.agent.release_xfer_handle(handle)
-        return TransferReport(request_id, nbytes, len(local), time.monotonic() - start)
+            self.release(prepared)
+        return dataclasses.replace(report, seconds=time.monotonic() - start)
 
-    def _poll(self, handle: Any, request_id: str, deadline: float) -> None:
+    def _poll(self, handles: Sequence[Any], request_id: str, deadline: float,
+              msg: bytes) -> None:
         try:
-            state = self.agent.transfer(handle)
-            while state == "PROC":
-                if time.monotonic() > deadline:
+            states = [self.agent.transfer(h, msg) for h in handles]
+            spin_until = time.monotonic() + _SPIN_S
+            while "PROC" in states:
+                if "ERR" in states:
+                    break
+                now = time.monotonic()
+                if now > deadline:
                     alive = self.peer_alive()
                     raise (TransferTimeout if alive else PeerGone)(
                         f"request {request_id}: not done within the timeout"
                         + ("" if alive else " (receiver gone)"))
-                time.sleep(_POLL_S)
-                state = self.agent.check_xfer_state(handle)
+                # spin briefly: a GPU transfer ends within milliseconds and a 0.5 ms sleep
+                # would be a large share of it; then back off so long transfers cost no CPU
+                if now > spin_until:
+                    time.sleep(_POLL_S)
+                states = [s if s == "DONE" else self.agent.check_xfer_state(h)
+                          for h, s in zip(handles, states)]
         except TransferError:
             raise
         except Exception as exc:  # NIXL raises its own error types for backend failures
             raise TransferError(f"request {request_id}: NIXL transfer failed: {exc}") from exc
-        if state != "DONE":
-            raise TransferError(f"request {request_id}: NIXL transfer state {state}")
+        bad = [s for s in states if s != "DONE"]
+        if bad:
+            raise TransferError(f"request {request_id}: NIXL transfer state {bad[0]}")
