@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # kvtier copy engine on the GPU machine: GPU tests, threshold sweep, `kvtier bench transfer`.
 # Run from the repository root:  OUT=/some/dir bash bench/device/transfer.sh
-# (PAGES=N changes the pages per bench job, default 512; PYTHON picks the interpreter.)
+# (PAGES=N changes the pages per bench job, default 512; PYTHON picks the interpreter;
+#  SWEEP=1 re-measures the Triton/DMA thresholds first, about 30 s.)
+# Each bench writes its JSON after every measured step, so a part cut short keeps its rows.
 # Everything lands under $OUT; a summary table is printed last. Each part runs even when an
 # earlier one fails; the exit code is non-zero if any part failed (a wrong byte fails loudly).
 set -u
@@ -31,16 +33,8 @@ part() {  # part NAME TIMEOUT CMD...
 "$PY" -m pip install -e . --no-deps --no-build-isolation -q > "$OUT/install.txt" 2>&1 || echo "pip install -e failed (see install.txt); using PYTHONPATH" >> "$OUT/install.txt"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-part gpu-tests 150 "$PY" -m pytest -m gpu tests/transfer/test_transfer_gpu.py -q -p no:cacheprovider --timeout 140 -o addopts="" -rfE
-part sweep 120 "$PY" bench/device/transfer_sweep.py "$OUT"
-# the engine's "auto" path in the benches below uses the freshly measured thresholds
-if [ -s "$OUT/thresholds.json" ]; then cp "$OUT/thresholds.json" kvtier/transfer/thresholds.json; fi
-for geo in llama3-8b llama3-70b-tp4 deepseek-v3-mla llama3-70b-tp8; do
-  # JSON on stdout into bench-$geo.json; warnings and errors into bench-$geo.txt
-  part "bench-$geo" 75 sh -c '"$0" -m kvtier.cli.main bench transfer --geometry "$1" --pages "$2" --reps 5 --json > "$3"' \
-    "$PY" "$geo" "${PAGES:-512}" "$OUT/bench-$geo.json"
-done
 
+summarize() {  # summary.txt from whatever bench JSON exists (re-run after every part)
 "$PY" - "$OUT" <<'PYEOF' > "$OUT/summary.txt" 2>&1
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
@@ -61,14 +55,30 @@ for f in sorted(out.glob("bench-*.json")):
         print(f"{'':18} {'':>6} {name[:34]:34} {cell('store'):>10} {cell('load'):>10}")
     for name, ops in r.get("engine", {}).items():
         rat = r["ratios"][name]
-        cell = lambda op: f"{ops[op]:5.1f}/{rat[op]:.2f}"
-        print(f"{'':18} {'':>6} {'engine ' + name:34} {cell('store'):>10} {cell('load'):>10} {cell('both'):>10} {cell('load_layerwise'):>10}")
+        cell = lambda op: f"{ops[op]:5.1f}/{rat[op]:.2f}" if op in ops else "      -"
+        print(f"{'':18} {'':>6} {('engine ' + name)[:34]:34} {cell('store'):>10} {cell('load'):>10} {cell('both'):>10} {cell('load_layerwise'):>10}")
     for name, ops in r.get("conversion", {}).items():
         rat = r["conversion_ratios"][name]
         print(f"{'':18} {'':>6} {('convert ' + name)[:34]:34} triton {ops['triton']:7.0f}/{rat['triton']:.2f}  torch {ops['torch']:7.0f}/{rat['torch']:.2f} (vs device copy {c['device_copy']:.0f})")
     for name, err in r.get("errors", {}).items():
-        print(f"{'':18} {'':>6} engine {name} FAILED: {err[:60]}")
+        print(f"{'':18} {'':>6} {name} FAILED: {err[:90]}")
 PYEOF
+}
+
+part gpu-tests 150 "$PY" -m pytest -m gpu tests/transfer/test_transfer_gpu.py -q -p no:cacheprovider --timeout 140 -o addopts="" -rfE
+if [ "${SWEEP:-0}" = 1 ]; then
+  part sweep 120 "$PY" bench/device/transfer_sweep.py "$OUT"
+  # the engine's "auto" path in the benches below uses the freshly measured thresholds
+  if [ -s "$OUT/thresholds.json" ]; then cp "$OUT/thresholds.json" kvtier/transfer/thresholds.json; fi
+fi
+# the goal geometry first; the bench writes bench-$geo.json after every step (--out)
+for geo in llama3-8b llama3-70b-tp4 deepseek-v3-mla llama3-70b-tp8; do
+  part "bench-$geo" 80 "$PY" -m kvtier.cli.main bench transfer --geometry "$geo" \
+    --pages "${PAGES:-512}" --reps 5 --out "$OUT/bench-$geo.json"
+  summarize
+done
+
+summarize
 cat "$OUT/summary.txt"
 echo "--- sweep (item bytes, job, op, best Triton GB/s, DMA GB/s)"
 tail -n 40 "$OUT/sweep.txt" 2>/dev/null | grep -E "^ +[0-9]|thresholds" || echo "(no sweep output)"

@@ -10,12 +10,15 @@ the same bytes. `--json` prints one JSON document instead of the table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +34,20 @@ EXTRA: dict[str, KVGeometry] = {
 }
 
 
+# the GPU bench's engine variants (kept here so that --help works without a GPU)
+ENGINE_VARIANTS = (
+    "auto",
+    "triton",
+    "triton-grid-full",
+    "triton-cta2",
+    "triton-cta8",
+    "store-triton+load-torch",
+    "store-torch+load-triton",
+    "torch",
+    "dma",
+)
+
+
 def _geometry(name: str) -> KVGeometry:
     return EXTRA[name] if name in EXTRA else preset(name)
 
@@ -42,8 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pages", type=int, default=512, help="pages per job (default 512)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
     parser.add_argument(
-        "--paths", default="auto,triton,dma,torch", help="engine paths to measure on a GPU"
+        "--paths",
+        default=",".join(ENGINE_VARIANTS),
+        help="engine variants to measure on a GPU (see bench_transfer_gpu.VARIANTS)",
     )
+    parser.add_argument("--out", help="also write the JSON here, after every measured step")
     parser.add_argument("--cpu", action="store_true", help="measure the CPU path even on a GPU")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -125,56 +145,67 @@ def run_cpu(g: KVGeometry, pages: int, reps: int) -> dict[str, Any]:
     }
 
 
-def run_gpu(g: KVGeometry, pages: int, reps: int, paths: list[str]) -> dict[str, Any]:
+def _ratios(res: dict[str, Any]) -> None:
+    """Fill the ratio tables of `res` from what is measured so far."""
+    ceil = res["ceiling"]
+    ref = {"store": "d2h", "load": "h2d", "load_layerwise": "h2d", "both": "bidir"}
+    res["ratios"] = {
+        name: {op: v / ceil[ref[op]] for op, v in r.items()} for name, r in res["engine"].items()
+    }
+    res["baseline_ratios"] = {
+        name: {op: v / ceil[ref[op]] for op, v in r.items()} for name, r in res["baselines"].items()
+    }
+    res["conversion_ratios"] = {
+        name: {p: v / ceil["device_copy"] for p, v in r.items()}
+        for name, r in res["conversion"].items()
+    }
+
+
+def run_gpu(
+    g: KVGeometry,
+    pages: int,
+    reps: int,
+    paths: list[str],
+    emit: Callable[[dict[str, Any]], None] = lambda res: None,
+) -> dict[str, Any]:
+    """Every GPU measurement; `emit(res)` runs after each step, so a run cut short keeps what it
+    measured. A wrong byte is recorded under errors as WRONG and sets res["wrong"]."""
     from kvtier.cli import bench_transfer_gpu as gb
 
     st = gb.make_setup(g, pages)
     ceil = gb.ceilings(st.nbytes, reps)
-    base = gb.baselines(st, reps)
-    engine: dict[str, dict[str, float]] = {}
-    errors: dict[str, str] = {}
-    for path in paths:
-        try:
-            engine[path] = gb.engine_rates(st, path, reps)
-        except AssertionError:
-            raise
-        except Exception as exc:  # a path missing here is reported, not fatal
-            errors[path] = f"{type(exc).__name__}: {exc}"
-    try:
-        conv = gb.conversion_rates(g, pages, reps)
-    except AssertionError:
-        raise
-    except Exception as exc:
-        conv, errors["conversion"] = {}, f"{type(exc).__name__}: {exc}"
-    conv_ratios = {
-        name: {p: v / ceil["device_copy"] for p, v in r.items()} for name, r in conv.items()
-    }
-    one = min(ceil["d2h"], ceil["h2d"])
-    ratios = {
-        name: {
-            "store": r["store"] / ceil["d2h"],
-            "load": r["load"] / ceil["h2d"],
-            "load_layerwise": r["load_layerwise"] / ceil["h2d"],
-            "both": r["both"] / ceil["bidir"],
-        }
-        for name, r in engine.items()
-    }
-    base_ratios = {
-        name: {op: v / (ceil["d2h"] if op == "store" else ceil["h2d"]) for op, v in r.items()}
-        for name, r in base.items()
-    }
-    return {
+    res: dict[str, Any] = {
         "mode": "gpu",
         "ceiling": ceil,
-        "baselines": base,
-        "baseline_ratios": base_ratios,
-        "engine": engine,
-        "ratios": ratios,
-        "conversion": conv,
-        "conversion_ratios": conv_ratios,
-        "errors": errors,
-        "one_way_ceiling": one,
+        "one_way_ceiling": min(ceil["d2h"], ceil["h2d"]),
+        "baselines": {},
+        "engine": {},
+        "conversion": {},
+        "errors": {},
+        "wrong": False,
     }
+
+    def step(name: str, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except AssertionError as exc:  # wrong data: recorded loudly, the other steps still run
+            res["errors"][name], res["wrong"] = f"WRONG: {exc}", True
+        except Exception as exc:  # a path missing here is reported, not fatal
+            res["errors"][name] = f"{type(exc).__name__}: {exc}"
+        _ratios(res)
+        emit(res)
+
+    def engine(path: str) -> None:
+        res["engine"][path] = gb.engine_rates(st, path, reps)
+
+    step("baselines", lambda: res["baselines"].update(gb.baselines(st, reps)))
+    for path in paths:
+        if path not in gb.VARIANTS:
+            res["errors"][path] = f"unknown variant (known: {', '.join(gb.VARIANTS)})"
+            continue
+        step(path, functools.partial(engine, path))
+    step("conversion", lambda: res["conversion"].update(gb.conversion_rates(g, pages, reps)))
+    return res
 
 
 def _table(res: dict[str, Any]) -> str:
@@ -205,15 +236,29 @@ def _table(res: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     g = _geometry(args.geometry)
     pages = int(args.pages)
+    meta = _meta(g, args.geometry, pages)
+
+    def emit(res: dict[str, Any]) -> None:
+        if args.out:
+            res["meta"] = meta
+            tmp = f"{args.out}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(res, f, indent=2)
+            os.replace(tmp, args.out)
+
     if torch.cuda.is_available() and not args.cpu:
         paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-        res = run_gpu(g, pages, args.reps, paths)
+        res = run_gpu(g, pages, args.reps, paths, emit)
     else:
         res = run_cpu(g, pages, args.reps)
-    res["meta"] = _meta(g, args.geometry, pages)
+    res["meta"] = meta
+    emit(res)
     if args.json:
         json.dump(res, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print(_table(res))
+    if res.get("wrong"):
+        print("kvtier bench transfer: WRONG DATA (see errors)", file=sys.stderr)
+        return 1
     return 0

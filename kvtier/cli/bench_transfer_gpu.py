@@ -8,6 +8,7 @@ Correctness is checked once per engine path on the full job: a wrong byte raises
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from kvtier.memory.host_pool import HostPool
 from kvtier.transfer.device_kv import DeviceKV
 from kvtier.transfer.dma import BatchDMA
 from kvtier.transfer.engine import CopyEngine
+from kvtier.transfer.thresholds import Thresholds
 from kvtier.transfer.torch_path import host_planes, move_dtype
 
 
@@ -191,9 +193,31 @@ def baselines(st: Setup, reps: int) -> dict[str, dict[str, float]]:
     return out
 
 
+# Engine variants: name -> (store path, load path, Triton programs per SM or None for the
+# committed thresholds). The grid and mixed variants exist to pick the best way to run a store
+# and a load at once; `full` is one program per tile (the first GPU run's kernel grid).
+VARIANTS: dict[str, tuple[str, str, int | None]] = {
+    "auto": ("auto", "auto", None),
+    "triton": ("triton", "triton", None),
+    "dma": ("dma", "dma", None),
+    "torch": ("torch", "torch", None),
+    "triton-grid-full": ("triton", "triton", 0),
+    "triton-cta2": ("triton", "triton", 2),
+    "triton-cta8": ("triton", "triton", 8),
+    "store-triton+load-torch": ("triton", "torch", None),
+    "store-torch+load-triton": ("torch", "triton", None),
+}
+MAIN_VARIANTS = ("auto", "triton", "dma", "torch")
+
+
 def engine_rates(st: Setup, path: str, reps: int) -> dict[str, float]:
-    """GB/s of the engine (store, load, layer-wise load, both at once), correctness-checked."""
-    eng = CopyEngine(st.dkv, st.pool, path=path)
+    """GB/s of the engine variant `path` (a VARIANTS key): store, load, layer-wise load (main
+    variants only) and both at once, correctness-checked."""
+    store_path, load_path, ctas = VARIANTS[path]
+    th = Thresholds.read()
+    if ctas is not None:
+        th = dataclasses.replace(th, triton_ctas_per_sm=ctas)
+    eng = CopyEngine(st.dkv, st.pool, path=store_path, load_path=load_path, thresholds=th)
     n = st.nbytes
 
     def ok(job: int) -> None:
@@ -221,15 +245,18 @@ def engine_rates(st: Setup, path: str, reps: int) -> dict[str, float]:
 
     st.pool.payloads()[st.slots_a] = 0xA5  # poison what the store must overwrite
     out = {"store": n / timed(store, reps) / 1e9}
-    check_store(st, path)
+    main = path in MAIN_VARIANTS  # the other variants are checked once, after both at once
+    if main:
+        check_store(st, path)
     noise = torch.empty((st.pages, st.g.page_bytes), dtype=torch.uint8, device="cuda")
     st.pool.payloads()[st.slots_b] = noise.random_(0, 256).cpu()
     del noise
     for plane in st.dkv.planes:
         plane[st.blocks_b.reshape(-1).to("cuda")] = 0  # poison what the load must overwrite
     out["load"] = n / timed(load, reps) / 1e9
-    check_load(st, path)
-    out["load_layerwise"] = n / timed(load_layers, reps) / 1e9
+    if main:
+        check_load(st, path)
+        out["load_layerwise"] = n / timed(load_layers, reps) / 1e9
     out["both"] = 2 * n / timed(both, reps) / 1e9
     check_store(st, path)
     check_load(st, path)

@@ -67,6 +67,8 @@ class CopyEngine:
 
     `path`: "auto" (CPU tensors: "cpu"; GPU: Triton or batched DMA per job by the measured
     thresholds, torch when neither is available), or one of "cpu", "torch", "triton", "dma".
+    `load_path` (GPU only; default: `path`) picks loads' path on its own, e.g. Triton stores
+    beside copy-engine ("torch") loads, so the two directions use different hardware.
     Raises ConfigError when the path cannot run here or the pool does not fit the geometry.
     """
 
@@ -77,9 +79,12 @@ class CopyEngine:
         *,
         path: str = "auto",
         thresholds: Thresholds | None = None,
+        load_path: str | None = None,
     ) -> None:
         if path not in ENGINE_PATHS:
             raise ConfigError("transfer.path", path, ENGINE_PATHS)
+        if load_path is not None and load_path not in ENGINE_PATHS:
+            raise ConfigError("transfer.load_path", load_path, ENGINE_PATHS)
         g = device_kv.geometry
         if host_pool.payload_bytes != g.page_bytes:
             raise ConfigError(
@@ -94,7 +99,10 @@ class CopyEngine:
             raise ConfigError("transfer.path", path, "a GPU path for CUDA tensors")
         if self.on_gpu and not host_pool.pinned:
             raise ConfigError("host.pin", False, "a pinned host pool for GPU transfers")
+        if not self.on_gpu and load_path not in (None, "auto", "cpu"):
+            raise ConfigError("transfer.load_path", load_path, "'auto' or 'cpu' for CPU tensors")
         self.path = "cpu" if not self.on_gpu else path
+        self.load_path = "cpu" if not self.on_gpu else (load_path or path)
         self._host = host_planes(host_pool, device_kv)
         self._lock = threading.Lock()
         self._next_id = 1
@@ -104,8 +112,9 @@ class CopyEngine:
         self._gpu: GPUPaths | None = None
         if self.on_gpu:
             self._gpu = GPUPaths(device_kv, host_pool, thresholds or Thresholds.read())
-            if path not in ("auto", "torch") and not self._gpu.available(path):
-                raise ConfigError("transfer.path", path, "an available path (triton/dma/torch)")
+            for field_, p in (("transfer.path", path), ("transfer.load_path", self.load_path)):
+                if p == "cpu" or (p not in ("auto", "torch") and not self._gpu.available(p)):
+                    raise ConfigError(field_, p, "an available GPU path (triton/dma/torch)")
             dev = device_kv.device
             self._store_stream = torch.cuda.Stream(dev)
             self._load_stream = torch.cuda.Stream(dev)
@@ -193,7 +202,9 @@ class CopyEngine:
             with self._lock:
                 self._finished[job_id] = result
             return job_id
-        path = self.path if self.path != "auto" else self._gpu.choose(op, int(sl.numel()))
+        path = self.path if op == "store" else self.load_path
+        if path == "auto":
+            path = self._gpu.choose(op, int(sl.numel()))
         job = _Job(job_id, op, nbytes, path, t0=time.perf_counter())
         stream = self._store_stream if op == "store" else self._load_stream
         dev = self.dkv.device

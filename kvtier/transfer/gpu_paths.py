@@ -1,7 +1,8 @@
 """The three GPU paths of the copy engine, each enqueuing one job's copies on the current stream.
 
 * `triton`: one kernel launch over every (page, plane, block) item; device threads load and store
-  mapped pinned host memory directly (see triton_kernels).
+  mapped pinned host memory directly (see triton_kernels), on a grid of at most
+  `thresholds.triton_ctas_per_sm` programs per SM so that a store and a load co-run.
 * `dma`: one batched driver copy (cuMemcpyBatchAsync) over every item; adjacent items merge.
 * `torch`: gather to a device staging blob, one DMA per page (the fallback).
 
@@ -53,6 +54,12 @@ class GPUPaths:
         self.pool = pool
         self.thresholds = thresholds
         self.device = dkv.device
+        # the persistent copy grid is sized in programs per SM (2 stands in for the interpreter)
+        self.num_sms = (
+            torch.cuda.get_device_properties(dkv.device).multi_processor_count
+            if dkv.device.type == "cuda"
+            else 2
+        )
         self.triton = _triton_module() if dkv.device.type == "cuda" else None
         dma = BatchDMA.get() if dkv.device.type == "cuda" else None
         self.dma = dma if dma is not None and dma.available else None
@@ -142,7 +149,9 @@ class GPUPaths:
         index = torch.cat([blocks.reshape(-1), slot_off]).to(self.device, non_blocking=True)
         blocks_dev, slot_dev = index[: blocks.numel()], index[blocks.numel() :]
         plane_ids = self._plane_tensor(planes)
-        grid = (int(slots.numel()) * len(planes) * n * chunks,)
+        n_tiles = int(slots.numel()) * len(planes) * n * chunks
+        cap = self.thresholds.triton_ctas_per_sm * self.num_sms
+        grid = (min(n_tiles, cap) if cap > 0 else n_tiles,)
         assert self.triton is not None
         self.triton.copy_items_kernel[grid](
             self._dev_base,
@@ -153,6 +162,7 @@ class GPUPaths:
             blocks_dev,
             slot_dev,
             len(planes),
+            n_tiles,
             N_SUB=n,
             ITEM=item,
             BLOCK=block,

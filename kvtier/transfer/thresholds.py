@@ -4,7 +4,9 @@
 `bench/device/transfer.sh`. For each direction it holds rules, tried in order:
 `{"max_items": M, "dma_min_item_bytes": B}` means "for a job of at most M items (None: any
 count), use batched DMA when an item (one contiguous run) is at least B bytes (None: never),
-else the Triton kernel". `triton` holds the kernel's tile (bytes per program) and warps.
+else the Triton kernel". `triton` holds the kernel's tile (bytes per program), warps, and
+`ctas_per_sm`: the copy grid is at most that many programs per SM (0: one program per tile).
+A bounded grid lets a store and a load kernel be resident at once (see triton_kernels).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from pathlib import Path
 from kvtier.errors import ConfigError
 
 DEFAULT_PATH = Path(__file__).with_name("thresholds.json")
+# 4 programs of 4 warps per SM: a quarter of an H100 SM's warp slots, so two copies (a store and
+# a load) fit side by side, while 4 x 132 tiles of 8-16 KiB in flight still cover PCIe latency.
+DEFAULT_CTAS_PER_SM = 4
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,7 @@ class Thresholds:
     triton_block_bytes: int = 16384
     triton_num_warps: int = 4
     measured: bool = False
+    triton_ctas_per_sm: int = DEFAULT_CTAS_PER_SM
 
     def use_dma(self, op: str, item_bytes: int, items: int) -> bool:
         """True when batched DMA should move `items` runs of `item_bytes` for `op`."""
@@ -54,12 +60,16 @@ class Thresholds:
         block = int(triton.get("block_bytes", 16384))
         if block <= 0 or block & (block - 1):
             raise ConfigError("thresholds.triton.block_bytes", block, "a power of two")
+        ctas = triton.get("ctas_per_sm", DEFAULT_CTAS_PER_SM)
+        if not isinstance(ctas, int) or ctas < 0:
+            raise ConfigError("thresholds.triton.ctas_per_sm", ctas, "an integer >= 0")
         return cls(
             rules("store"),
             rules("load"),
             block,
             int(triton.get("num_warps", 4)),
             bool(data.get("measured", False)),
+            ctas,
         )
 
     @classmethod

@@ -14,6 +14,12 @@ to it becomes a PCIe transaction with no staging buffer and no DMA engine. Offse
 elements relative to two base pointers (a device tensor, the host pool tensor); `ALIGN` tells the
 compiler that every offset is a multiple of ALIGN elements, which with a 16-byte ALIGN gives
 16-byte vector loads and stores (what keeps enough bytes in flight to fill PCIe).
+
+The copy grid may be smaller than the number of tiles: each program then walks tiles
+pid, pid + grid, ... (a persistent grid). A grid bounded to a few programs per SM leaves room on
+every SM for a second copy launched on another stream, so a store and a load run at the same
+time (one grid covering every tile would occupy the whole GPU until its last wave is placed,
+and the two directions would take turns instead of sharing PCIe's two lanes).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ def copy_items_kernel(
     blocks,
     slot_off,
     n_planes_job,
+    n_tiles,
     N_SUB: tl.constexpr,
     ITEM: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -41,37 +48,39 @@ def copy_items_kernel(
     """dev_base/host_base: pointers of the movement dtype; plane_off[p], plane_stride[p]: element
     offset of row 0 of plane p from dev_base and the row stride; plane_ids[k]: the planes this
     launch copies; blocks[i * N_SUB + j]: engine block j of page i; slot_off[i]: element offset
-    of page i's payload from host_base. Grid: pages * n_planes_job * N_SUB * cdiv(ITEM, BLOCK)."""
+    of page i's payload from host_base. Tiles: pages * n_planes_job * N_SUB * cdiv(ITEM, BLOCK);
+    any grid size from 1 to n_tiles covers them all."""
     CHUNKS = (ITEM + BLOCK - 1) // BLOCK
-    pid = tl.program_id(0).to(tl.int64)
-    chunk = pid % CHUNKS
-    item = pid // CHUNKS
-    j = item % N_SUB
-    rest = item // N_SUB
-    k = rest % n_planes_job
-    page = rest // n_planes_job
-    p = tl.load(plane_ids + k)
-    blk = tl.load(blocks + page * N_SUB + j)
-    d_off = tl.load(plane_off + p) + blk * tl.load(plane_stride + p)
-    h_off = tl.load(slot_off + page) + (p * N_SUB + j) * ITEM
-    d_off = tl.multiple_of(d_off, ALIGN)
-    h_off = tl.multiple_of(h_off, ALIGN)
-    offs = chunk * BLOCK + tl.arange(0, BLOCK)
-    if ITEM % BLOCK == 0:
-        if TO_HOST:
-            x = tl.load(dev_base + d_off + offs)
-            tl.store(host_base + h_off + offs, x)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        pid = tl.cast(tile, tl.int64)  # a plain int under the interpreter
+        chunk = pid % CHUNKS
+        item = pid // CHUNKS
+        j = item % N_SUB
+        rest = item // N_SUB
+        k = rest % n_planes_job
+        page = rest // n_planes_job
+        p = tl.load(plane_ids + k)
+        blk = tl.load(blocks + page * N_SUB + j)
+        d_off = tl.load(plane_off + p) + blk * tl.load(plane_stride + p)
+        h_off = tl.load(slot_off + page) + (p * N_SUB + j) * ITEM
+        d_off = tl.multiple_of(d_off, ALIGN)
+        h_off = tl.multiple_of(h_off, ALIGN)
+        offs = chunk * BLOCK + tl.arange(0, BLOCK)
+        if ITEM % BLOCK == 0:
+            if TO_HOST:
+                x = tl.load(dev_base + d_off + offs)
+                tl.store(host_base + h_off + offs, x)
+            else:
+                x = tl.load(host_base + h_off + offs)
+                tl.store(dev_base + d_off + offs, x)
         else:
-            x = tl.load(host_base + h_off + offs)
-            tl.store(dev_base + d_off + offs, x)
-    else:
-        mask = offs < ITEM
-        if TO_HOST:
-            x = tl.load(dev_base + d_off + offs, mask=mask)
-            tl.store(host_base + h_off + offs, x, mask=mask)
-        else:
-            x = tl.load(host_base + h_off + offs, mask=mask)
-            tl.store(dev_base + d_off + offs, x, mask=mask)
+            mask = offs < ITEM
+            if TO_HOST:
+                x = tl.load(dev_base + d_off + offs, mask=mask)
+                tl.store(host_base + h_off + offs, x, mask=mask)
+            else:
+                x = tl.load(host_base + h_off + offs, mask=mask)
+                tl.store(dev_base + d_off + offs, x, mask=mask)
 
 
 @triton.jit
