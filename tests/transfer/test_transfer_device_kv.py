@@ -83,6 +83,10 @@ def test_thresholds_rules() -> None:
     assert Thresholds.read().triton_block_bytes > 0  # the committed file parses
     with pytest.raises(ConfigError):
         Thresholds.from_dict({"triton": {"block_bytes": 3000}})
+    assert Thresholds.from_dict({"triton": {"ctas_per_sm": 0}}).triton_ctas_per_sm == 0
+    assert Thresholds.from_dict({}).triton_ctas_per_sm > 0  # bounded grid by default
+    with pytest.raises(ConfigError):
+        Thresholds.from_dict({"triton": {"ctas_per_sm": -1}})
 
 
 def test_merge_runs() -> None:

@@ -138,6 +138,10 @@ def test_config_errors() -> None:
         CopyEngine(dkv, HostPool(4, MHA.page_bytes, pin=False), path="triton")
     with pytest.raises(ConfigError):
         CopyEngine(dkv, HostPool(4, MHA.page_bytes, pin=False), path="warp")
+    with pytest.raises(ConfigError):  # a GPU load path for CPU tensors
+        CopyEngine(dkv, HostPool(4, MHA.page_bytes, pin=False), load_path="torch")
+    with pytest.raises(ConfigError):
+        CopyEngine(dkv, HostPool(4, MHA.page_bytes, pin=False), load_path="warp")
 
 
 def test_runtime_fault_is_a_failed_job_not_a_crash() -> None:
