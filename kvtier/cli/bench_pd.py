@@ -3,10 +3,13 @@
 Two processes: a decode receiver (a spawned child) and the prefill sender (this process), each
 holding a KV cache laid out as the geometry's layers over separate tensors. Each case sends one
 request's blocks `--repeat` times and reports the best bandwidth next to the ceiling measured in
-the same run: a local memcpy of the same bytes on CPU, a GPU0 -> GPU1 peer copy on GPUs. Cases:
-`contiguous` (one descriptor per tensor) and `scattered` (a random block table: one descriptor
-per tensor and block). After each case the receiver hashes its destination blocks and the sender
-compares with its source blocks: a wrong byte fails the run.
+the same run: a local memcpy of the same bytes on CPU, a GPU0 -> GPU1 peer copy on GPUs. Block
+tables: `contiguous` (one descriptor per tensor), `runs` (runs of about 16 blocks in random
+order, as a free list hands them out) and `scattered` (random single blocks, the worst case).
+Modes: `request` (send(): descriptors prepared and released per request) and `transfer` (handles
+prepared once and posted per request, optionally split into parts in flight). Before each row
+the receiver poisons its destination blocks; after it, it hashes them and the sender compares
+with its source blocks: a wrong byte fails the run.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import multiprocessing as mp
 import os
 import platform
 import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=0,
                         help="request length (default 1024 on CPU, 8192 on GPU)")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--parts", default="1,4",
+                        help="comma-separated: prepared transfers split into this many requests")
+    parser.add_argument("--workers", type=int, default=1, help="UCX workers per agent")
     parser.add_argument("--save", metavar="DIR", help="write pd-<device>-<date>.json/.md here")
 
 
@@ -49,13 +56,29 @@ def bench_spec(geometry: str, tokens: int) -> tuple[KVCacheSpec, int]:
     return spec, blocks
 
 
+def _run_table(rng: Any, n: int, total: int, mean: int) -> list[int]:
+    """`n` block ids out of `total` in runs of 1..2*mean blocks, the runs in random order:
+    what an engine's free list hands out after some churn."""
+    runs, start = [], 0
+    while start < total:
+        length = min(rng.randint(1, 2 * mean - 1), total - start)
+        runs.append(list(range(start, start + length)))
+        start += length
+    rng.shuffle(runs)
+    return [b for r in runs for b in r][:n]
+
+
 def _cases(blocks: int, seed: int = 7) -> dict[str, tuple[list[int], list[int]]]:
+    """contiguous: one run; runs: runs of mean 16 blocks, both sides apart; scattered: random
+    single blocks (the worst case)."""
     import random
 
     rng = random.Random(seed)
     pool = list(range(2 * blocks))
     rng.shuffle(pool)
     return {"contiguous": (list(range(blocks)), list(range(blocks, 2 * blocks))),
+            "runs": (_run_table(rng, blocks, 2 * blocks, 16),
+                     _run_table(rng, blocks, 2 * blocks, 16)),
             "scattered": (pool[:blocks], pool[blocks:])}
 
 
@@ -85,32 +108,46 @@ def _alloc(spec: KVCacheSpec, device: str, fill: int | None) -> dict[str, Any]:
     return out
 
 
-def _receiver(geometry: str, tokens: int, device: str, repeat: int, q: Any, out: Any) -> None:
+def _receiver(geometry: str, tokens: int, device: str, workers: int, q: Any, out: Any) -> None:
+    """Per task ("case", name, request ids, dst blocks): poison dst, say ready, wait for all
+    ids, answer the digest of dst. ("done",) ends."""
+    import torch
+
     from kvtier.transfer.nixl_transport import KVReceiver
     from kvtier.transfer.registration import TensorMemory
 
-    spec, blocks = bench_spec(geometry, tokens)
+    spec, _ = bench_spec(geometry, tokens)
     if device.startswith("cuda"):
-        import torch
-
         torch.cuda.set_device(device)  # UCX registers VRAM in the current device's context
     tensors = _alloc(spec, device, 0xAB)
+    bb = spec.block_bytes(0)
     with KVReceiver(spec, {k: TensorMemory.of(v) for k, v in tensors.items()}, FP,
-                    timeout=120) as rx:
+                    timeout=120, backend_params=_params(workers)) as rx:
         q.put(rx.listen())
         try:
             rx.accept()
-            for name, (_, dst) in _cases(blocks).items():
-                for i in range(repeat + 1):
-                    rx.wait(f"{name}-{i}", {0: dst})
+            while True:
+                task = q.get(timeout=600)
+                if task[0] != "case":
+                    break
+                _, name, ids, dst = task
+                idx = torch.tensor(dst, dtype=torch.long, device=device)
+                for t in tensors.values():  # a stale copy from an earlier case must not pass
+                    t.view(-1, bb).index_fill_(0, idx, 0xAB)
                 if device.startswith("cuda"):
-                    import torch
-
+                    torch.cuda.synchronize(device)
+                out.put(("ready",))
+                for rid in ids:
+                    rx.wait(rid, {0: dst})
+                if device.startswith("cuda"):
                     torch.cuda.synchronize(device)
                 out.put(("case", name, _digest(spec, tensors, dst)))
-                q.get(timeout=120)  # the sender has read the digest
         except Exception as exc:
             out.put(("error", type(exc).__name__, str(exc)))
+
+
+def _params(workers: int) -> dict[str, dict[str, str]] | None:
+    return {"UCX": {"num_workers": str(workers)}} if workers > 1 else None
 
 
 def _ceiling(nbytes: int, device: str, repeat: int) -> float:
@@ -139,50 +176,90 @@ def _ceiling(nbytes: int, device: str, repeat: int) -> float:
     return nbytes / best / 1e9
 
 
-def measure(device: str, geometry: str, tokens: int, repeat: int) -> dict[str, Any]:
+def _round(tx: Any, q: Any, out: Any, name: str, mode: str, parts: int, repeat: int,
+           src: list[int], dst: list[int], expect: str) -> dict[str, Any]:
+    """One (case, mode) row: `repeat`+1 sends (the first warms up), verified at the end.
+
+    mode "request": send() per request, descriptor preparation and release included;
+    mode "transfer": the handles prepared once (split into `parts`) and posted again per
+    request, as an engine does for a fixed block table; the time runs from post to done.
+    """
+    ids = [f"{name}-{mode}-{parts}-{i}" for i in range(repeat + 1)]
+    q.put(("case", name, ids, dst))
+    if out.get(timeout=300)[0] != "ready":
+        raise RuntimeError("receiver not ready")
+    times: list[float] = []
+    if mode == "request":
+        reports = [tx.send(rid, {0: src}, {0: dst}) for rid in ids]
+    else:
+        prepared = tx.prepare({0: src}, {0: dst}, parts=parts)
+        try:
+            reports = [tx.post(prepared, rid) for rid in ids]
+        finally:
+            tx.release(prepared)
+    times = sorted(r.seconds for r in reports[1:])
+    msg = out.get(timeout=300)
+    if msg[0] != "case" or msg[2] != expect:
+        raise RuntimeError(f"case {name}/{mode}: destination blocks differ: {msg}")
+    nbytes = reports[0].nbytes
+    return {"case": name, "mode": mode, "parts": parts, "bytes": nbytes,
+            "descriptors": reports[0].descriptors, "gbps": nbytes / times[0] / 1e9,
+            "median_gbps": nbytes / times[len(times) // 2] / 1e9}
+
+
+def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[int, ...] = (1,),
+            workers: int = 1, rows_file: Path | None = None) -> dict[str, Any]:
+    """All rows; each row is appended to `rows_file` (JSON lines) as soon as it is measured,
+    and a failing row ends the run with an "error" row, keeping those before it."""
     from kvtier.transfer.nixl_transport import KVSender
     from kvtier.transfer.registration import TensorMemory
 
     spec, blocks = bench_spec(geometry, tokens)
     src_dev, dst_dev = ("cpu", "cpu") if device == "cpu" else ("cuda:0", "cuda:1")
+    ceiling = _ceiling(spec.request_block_bytes(0) * blocks, device, repeat)
     ctx = mp.get_context("spawn")
     q, out = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=_receiver, args=(geometry, tokens, dst_dev, repeat, q, out),
+    proc = ctx.Process(target=_receiver, args=(geometry, tokens, dst_dev, workers, q, out),
                        daemon=True)
     proc.start()
     rows: list[dict[str, Any]] = []
+
+    def emit(row: dict[str, Any]) -> None:
+        row.update(ceiling_gbps=ceiling, ratio=row.get("gbps", 0.0) / ceiling)
+        rows.append(row)
+        if rows_file is not None:
+            with rows_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        print(f"pd row: {json.dumps(row)}", file=sys.stderr, flush=True)
+
     try:
         host, port = q.get(timeout=300)
         tensors = _alloc(spec, src_dev, None)
         with KVSender(spec, {k: TensorMemory.of(v) for k, v in tensors.items()}, FP,
-                      timeout=120) as tx:
+                      timeout=120, backend_params=_params(workers)) as tx:
             tx.connect(host, port)
+            plan = [("request", 1)] + [("transfer", p) for p in parts]
             for name, (src, dst) in _cases(blocks).items():
-                times, report = [], None
-                for i in range(repeat + 1):  # the first send warms connections up
-                    report = tx.send(f"{name}-{i}", {0: src}, {0: dst})
-                    times.append(report.seconds)
-                msg = out.get(timeout=300)
-                if msg[0] != "case" or msg[2] != _digest(spec, tensors, src):
-                    raise RuntimeError(f"case {name}: destination blocks differ: {msg}")
-                q.put("next")
-                assert report is not None
-                timed = sorted(times[1:])
-                rows.append({"case": name, "bytes": report.nbytes,
-                             "descriptors": report.descriptors,
-                             "gbps": report.nbytes / timed[0] / 1e9,
-                             "median_gbps": report.nbytes / timed[len(timed) // 2] / 1e9})
+                expect = _digest(spec, tensors, src)
+                for mode, p in plan:
+                    try:
+                        emit(_round(tx, q, out, name, mode, p, repeat, src, dst, expect))
+                    except Exception as exc:
+                        emit({"case": name, "mode": mode, "parts": p,
+                              "error": f"{type(exc).__name__}: {exc}"})
+                        raise
+            q.put(("done",))
+    except Exception:
+        if not rows or "error" not in rows[-1]:
+            raise
     finally:
         proc.join(timeout=60)
         if proc.is_alive():
             proc.kill()
-    ceiling = _ceiling(rows[0]["bytes"], device, repeat)
-    for r in rows:
-        r["ceiling_gbps"] = ceiling
-        r["ratio"] = r["gbps"] / ceiling
     return {"device": device, "geometry": geometry, "tokens": tokens, "blocks": blocks,
-            "tensors": len(spec.tensors), "ceiling": "local memcpy" if device == "cpu"
-            else "peer copy GPU0->GPU1", "results": rows}
+            "tensors": len(spec.tensors), "ucx_workers": workers,
+            "ceiling": "local memcpy" if device == "cpu" else "peer copy GPU0->GPU1",
+            "results": rows}
 
 
 def machine(device: str) -> dict[str, Any]:
@@ -209,10 +286,15 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [f"# kvtier bench pd ({doc['device']}, {doc['geometry']}, {doc['tokens']} tokens)",
              "", f"machine: `{json.dumps(doc['machine'])}`", "",
              f"ceiling: {doc['ceiling']}", "",
-             "| case | MiB | descriptors | GB/s | median GB/s | ceiling GB/s | ratio |",
-             "|---|---|---|---|---|---|---|"]
+             "| case | mode | parts | MiB | descriptors | GB/s | median GB/s | ceiling GB/s "
+             "| ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in doc["results"]:
-        lines.append(f"| {r['case']} | {r['bytes'] / 2**20:.0f} | {r['descriptors']} | "
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['mode']} | {r['parts']} | error: {r['error']} |")
+            continue
+        lines.append(f"| {r['case']} | {r['mode']} | {r['parts']} | {r['bytes'] / 2**20:.0f} | "
+                     f"{r['descriptors']} | "
                      f"{r['gbps']:.2f} | {r['median_gbps']:.2f} | {r['ceiling_gbps']:.2f} | "
                      f"{r['ratio']:.0%} |")
     return "\n".join(lines) + "\n"
@@ -228,11 +310,16 @@ def run(args: argparse.Namespace) -> int:
         print("kvtier bench pd: --device cuda needs 2 GPUs")
         return 2
     tokens = args.tokens or (1024 if device == "cpu" else 8192)
-    doc = measure(device, args.geometry, tokens, args.repeat)
+    parts = tuple(int(p) for p in str(args.parts).split(",") if p)
+    rows_file = None
+    if args.save:
+        Path(args.save).mkdir(parents=True, exist_ok=True)
+        rows_file = Path(args.save) / f"pd-{device}-w{args.workers}-rows.jsonl"
+    doc = measure(device, args.geometry, tokens, args.repeat, parts, args.workers, rows_file)
     doc["machine"] = machine(device)
     text = markdown(doc)
     if args.save:
-        stem = Path(args.save) / f"pd-{device}-{doc['machine']['date']}"
+        stem = Path(args.save) / f"pd-{device}-w{args.workers}-{doc['machine']['date']}"
         stem.parent.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
         stem.with_suffix(".md").write_text(text)
@@ -241,8 +328,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # `python -m kvtier.cli.bench_pd`, without the other benchmarks
-    import sys
-
     _parser = argparse.ArgumentParser(prog="kvtier bench pd")
     add_arguments(_parser)
     sys.exit(run(_parser.parse_args()))

@@ -22,12 +22,18 @@ def test_bench_spec_plain_and_mla() -> None:
     assert mla.groups[0].kind == "mla_attention" and mla.block_bytes(0) == 16 * 576 * 2
 
 
-def test_measure_cpu_tiny() -> None:
-    doc = measure("cpu", "tiny", 256, 1)
-    assert [r["case"] for r in doc["results"]] == ["contiguous", "scattered"]
-    contiguous, scattered = doc["results"]
-    assert contiguous["bytes"] == scattered["bytes"] == 2 * 16 * 2 * 2 * 32 * 4 * 16
-    assert contiguous["descriptors"] == 2 and scattered["descriptors"] == 2 * 16
+def test_measure_cpu_tiny(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    rows_file = tmp_path / "rows.jsonl"
+    doc = measure("cpu", "tiny", 256, 1, parts=(2,), rows_file=rows_file)
+    got = [(r["case"], r["mode"], r["parts"]) for r in doc["results"]]
+    assert got == [(c, m, p) for c in ("contiguous", "runs", "scattered")
+                   for m, p in (("request", 1), ("transfer", 2))]
+    assert len(rows_file.read_text().splitlines()) == len(got)
+    by = {(r["case"], r["mode"]): r for r in doc["results"]}
+    assert all(r["bytes"] == 2 * 16 * 2 * 2 * 32 * 4 * 16 for r in doc["results"])
+    assert by["contiguous", "request"]["descriptors"] == 2
+    assert by["scattered", "request"]["descriptors"] == 2 * 16
+    assert 2 < by["runs", "request"]["descriptors"] < 2 * 16
     assert all(r["gbps"] > 0 and r["ceiling_gbps"] > 0 for r in doc["results"])
     doc["machine"] = {"date": "today"}
-    assert "| contiguous | 0 | 2 |" in markdown(doc)
+    assert "| contiguous | request | 1 | 0 | 2 |" in markdown(doc)

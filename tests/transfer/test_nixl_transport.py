@@ -252,3 +252,35 @@ def test_vram_gpu0_to_gpu1_bit_exact(kind: str) -> None:
     expected = _expected(spec, tensors, [(src, dst)])
     for name in got:
         assert got[name] == bytes(expected[name]), f"tensor {name} differs"
+
+
+def test_prepared_parts_reposted_bit_exact() -> None:
+    """One prepared send split into 3 parts (UCX with 2 workers), posted twice."""
+    spec = make_spec("plain")
+    src = {0: [0, 1, 2, 3, 9, 10, 17]}
+    dst = {0: [5, 6, 7, 8, 1, 2, 20]}
+    proc, _, out, host, port = _start_receiver("plain", FP, [("p1", dst), ("p2", dst)])
+    gen = torch.Generator().manual_seed(3)
+    tensors = {t.name: torch.randint(0, 256, (t.size_bytes,), dtype=torch.uint8, generator=gen)
+               for t in spec.tensors}
+    tx = KVSender(spec, {k: TensorMemory.of(v) for k, v in tensors.items()}, FP,
+                  backend_params={"UCX": {"num_workers": "2"}})
+    try:
+        tx.connect(host, port)
+        prepared = tx.prepare(src, dst, parts=3)
+        assert len(prepared.handles) == 3
+        assert prepared.descriptors == len(spec.tensors) * len(paired_runs(src[0], dst[0]))
+        first = tx.post(prepared, "p1")
+        second = tx.post(prepared, "p2")
+        with pytest.raises(ConfigError):
+            tx.prepare(src, dst, parts=0)
+        tx.release(prepared)
+        status, reports, got = out.get(timeout=60)
+    finally:
+        tx.close()
+        proc.join(timeout=30)
+    assert status == "ok", reports
+    assert first.nbytes == second.nbytes == spec.request_block_bytes(0) * len(src[0])
+    expected = _expected(spec, tensors, [(src, dst)])
+    for name in got:
+        assert got[name] == bytes(expected[name]), f"tensor {name} differs"
