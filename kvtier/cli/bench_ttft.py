@@ -20,6 +20,7 @@ import os
 import statistics
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,34 @@ def _drop_page_cache(root: Path) -> None:
                 os.close(fd)
 
 
+class _Recorder:
+    """Results and errors, written to `path` after every step so a run cut short (a fault, a
+    time limit) still leaves what it measured. A failing step is recorded and the next one runs."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+        self.results: dict[str, Any] = {"errors": []}
+
+    def save(self) -> None:
+        if self.path is not None:
+            self.path.write_text(json.dumps(self.results, indent=2))
+
+    def error(self, msg: str) -> None:
+        self.results["errors"].append(msg)
+        print("ERROR:", msg, flush=True)
+        self.save()
+
+    def step(self, name: str, fn: Callable[[], None]) -> bool:
+        try:
+            fn()
+        except Exception as exc:  # record it and go on: later cases are still worth measuring
+            traceback.print_exc()
+            self.error(f"{name}: {type(exc).__name__}: {exc}")
+            return False
+        self.save()
+        return True
+
+
 def run(args: argparse.Namespace) -> int:
     import transformers
 
@@ -139,6 +168,12 @@ def run(args: argparse.Namespace) -> int:
     ns = namespace_for(cfg, s, dtype, model_id=f"bench-ttft-{args.preset or 'auto'}")
     g = ns.geometry
     cached_bytes = cached // s * g.page_bytes
+    rec = _Recorder(args.out)
+    r = rec.results
+    r.update(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+             transformers=transformers.__version__, torch=torch.__version__, tokens=n_tok,
+             cached=cached, cached_bytes=cached_bytes)  # fmt: skip
+    rec.save()
 
     def prefill(cache: Any, start: int) -> torch.Tensor:
         pos = torch.arange(start, ids.shape[1], device=dev)
@@ -156,101 +191,125 @@ def run(args: argparse.Namespace) -> int:
             c = transformers.DynamicCache(config=cfg)
             return model(input_ids=ids[:, :n], past_key_values=c, logits_to_keep=1).logits
 
-    full(min(512, n_tok))  # warm-up
-    t_full = [_timed(dev, lambda: prefill(transformers.DynamicCache(config=cfg), 0)) for _ in
-              range(args.repeats)]  # fmt: skip
-    recompute = statistics.median(t for t, _ in t_full)
-    ref = t_full[0][1]
-    suffix = statistics.median(_timed(dev, lambda: full(n_tok - cached))[0] for _ in range(3))
-    bw = _h2d_bandwidth(dev, min(cached_bytes, 1 << 30))
-    floor = cached_bytes / bw + suffix
+    ref: list[torch.Tensor] = []
+
+    def check(name: str, logits: torch.Tensor) -> None:
+        if not ref:
+            return
+        cos = torch.nn.functional.cosine_similarity(logits, ref[0], dim=0).item()
+        r[f"{name}_cosine_vs_recompute"] = cos
+        if cos < 0.99 or not torch.isfinite(logits).all():
+            rec.error(f"{name}: logits differ from recompute (cosine {cos:.4f})")
+
+    def baselines() -> None:
+        full(min(512, n_tok))  # warm-up
+        runs = [_timed(dev, lambda: prefill(transformers.DynamicCache(config=cfg), 0))
+                for _ in range(args.repeats)]  # fmt: skip
+        ref.append(runs[0][1])
+        r["recompute_s"] = statistics.median(t for t, _ in runs)
+        r["suffix_alone_s"] = statistics.median(
+            _timed(dev, lambda: full(n_tok - cached))[0] for _ in range(3)
+        )
+        bw = _h2d_bandwidth(dev, min(cached_bytes, 1 << 30))
+        r.update(h2d_gbps=bw / 1e9, floor_s=cached_bytes / bw + r["suffix_alone_s"])
+        _row("recompute", r["recompute_s"], r)
+        _row("floor", r["floor_s"], r)
+
+    print(f"{'case':<24}{'TTFT s':>10}{'x recompute':>14}{'/ floor':>10}", flush=True)
+    if not rec.step("recompute and floor", baselines):
+        _report(r)
+        return 1
 
     tmp = Path(args.disk_path or tempfile.mkdtemp(prefix="kvtier-ttft-"))
     budget = cached_bytes * 1.1 + (64 << 20)
     conf = {"host": {"budget": int(budget)}, "promotion": {"max_pages": 1 << 16},
             "tiers": [{"kind": "disk", "path": str(tmp), "budget": int(budget)}]}  # fmt: skip
-    results: dict[str, Any] = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                               else "cpu", "tokens": n_tok, "cached": cached,
-                               "cached_bytes": cached_bytes, "h2d_gbps": bw / 1e9}  # fmt: skip
-    errors: list[str] = []
 
-    def check(name: str, logits: torch.Tensor) -> None:
-        cos = torch.nn.functional.cosine_similarity(logits, ref, dim=0).item()
-        results[f"{name}_cosine_vs_recompute"] = cos
-        if cos < 0.99 or not torch.isfinite(logits).all():
-            errors.append(f"{name}: logits differ from recompute (cosine {cos:.4f})")
-
-    tiered = TieredCache(conf, ns)
-    try:
-        warm = KVTierCache(cfg, tiered)
-        warm.attach(ids[:, :cached])
-        prefill(warm, 0)
-        warm.flush()
-        tiered.drain(timeout=600)
-        host_times = []
-        for _ in range(args.repeats):
-            c = KVTierCache(cfg, tiered, store=False)
-            t, logits = _timed(dev, first_token, c)
-            if c.hit_tokens != cached:
-                errors.append(f"host: hit {c.hit_tokens} tokens, expected {cached}")
-            check("host", logits)
+    def measure(name: str, tiered: Any, cost: Any = None, **kw: Any) -> KVTierCache:
+        c = KVTierCache(cfg, tiered, store=False, **kw)
+        try:
+            t, logits = _timed(dev, first_token, c, cost)
+        finally:
             c.close()
-            host_times.append(t)
-        results["host_s"] = statistics.median(host_times)
-    finally:
-        tiered.close()
+        r.setdefault(f"{name}_times_s", []).append(t)
+        r[f"{name}_s"] = statistics.median(r[f"{name}_times_s"])
+        r[f"{name}_loaded_tokens"] = c.hit_tokens
+        check(name, logits)
+        return c
 
-    disk_times = []
-    for _ in range(max(1, min(2, args.repeats))):
-        _drop_page_cache(tmp)
-        with TieredCache(conf, ns) as fresh:
-            c = KVTierCache(cfg, fresh, store=False, promote_wait_s=600)
-            t, logits = _timed(dev, first_token, c)
-            if c.hit_tokens != cached:
-                errors.append(f"disk: hit {c.hit_tokens} tokens, expected {cached}")
-            check("disk", logits)
-            c.close()
-            disk_times.append(t)
-    results["disk_s"] = statistics.median(disk_times)
+    def host() -> None:
+        with TieredCache(conf, ns) as tiered:
+            warm = KVTierCache(cfg, tiered)
+            warm.attach(ids[:, :cached])
+            prefill(warm, 0)
+            warm.flush()
+            warm.close()
+            r["stored_pages"] = warm.stored_pages
+            tiered.drain(timeout=600)
+            for _ in range(args.repeats):
+                if measure("host", tiered).hit_tokens != cached:
+                    rec.error(f"host: hit {r['host_loaded_tokens']} tokens, expected {cached}")
+                rec.save()
+        _row("host", r["host_s"], r)
 
-    slow_rate = slow_mbps * 1e6
-    # small promotion batches: the lookup's background promotion must not hold up shutdown
-    slow_tier = {"kind": "throttled-disk", "path": str(tmp), "budget": int(budget),
-                 "read_bytes_per_s": slow_rate}  # fmt: skip
-    slow_conf = dict(conf, promotion={"max_pages": 2}, tiers=[slow_tier])
-    cost = CostModel(prefill_tokens_per_s=n_tok / recompute, h2d_bytes_per_s=bw,
-                     tier_bytes_per_s=slow_rate)  # fmt: skip
-    with TieredCache(slow_conf, ns) as slow:
-        c = KVTierCache(cfg, slow, store=False)
-        t, logits = _timed(dev, first_token, c, cost)
-        check("slow_disk", logits)
-        results.update(slow_disk_s=t, slow_disk_loaded_tokens=c.hit_tokens,
-                       slow_disk_load_estimate_s=cost.load_seconds(cached // s, g.page_bytes,
-                                                                   in_host=False))  # fmt: skip
+    def disk() -> None:
+        for _ in range(max(1, min(2, args.repeats))):
+            _drop_page_cache(tmp)
+            with TieredCache(conf, ns) as fresh:
+                if measure("disk", fresh, promote_wait_s=600).hit_tokens != cached:
+                    rec.error(f"disk: hit {r['disk_loaded_tokens']} tokens, expected {cached}")
+                rec.save()
+        _row("disk (cold)", r["disk_s"], r)
+
+    def slow_disk() -> None:
+        slow_rate = slow_mbps * 1e6
+        # small promotion batches: the lookup's background promotion must not hold up shutdown
+        slow_tier = {"kind": "throttled-disk", "path": str(tmp), "budget": int(budget),
+                     "read_bytes_per_s": slow_rate}  # fmt: skip
+        slow_conf = dict(conf, promotion={"max_pages": 2}, tiers=[slow_tier])
+        bw = r["h2d_gbps"] * 1e9
+        cost = CostModel(prefill_tokens_per_s=n_tok / r["recompute_s"], h2d_bytes_per_s=bw,
+                         tier_bytes_per_s=slow_rate)  # fmt: skip
+        r["slow_disk_load_estimate_s"] = cost.load_seconds(cached // s, g.page_bytes,
+                                                           in_host=False)  # fmt: skip
+        with TieredCache(slow_conf, ns) as slow:
+            c = measure("slow_disk", slow, cost)
         if c.hit_tokens or not c.skipped_tokens:
-            errors.append("slow disk: the cost model did not choose to recompute")
-        c.close()
+            rec.error("slow disk: the cost model did not choose to recompute")
+        _row("slow disk, cost-aware", r["slow_disk_s"], r)
 
-    results.update(recompute_s=recompute, suffix_alone_s=suffix, floor_s=floor,
-                   speedup_host=recompute / results["host_s"],
-                   host_vs_floor=results["host_s"] / floor, errors=errors)  # fmt: skip
-    _report(results)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
-    return 1 if errors else 0
+    for name, fn in (("host", host), ("disk", disk), ("slow disk", slow_disk)):
+        rec.step(name, fn)
+    if "host_s" in r:
+        r.update(speedup_host=r["recompute_s"] / r["host_s"],
+                 host_vs_floor=r["host_s"] / r["floor_s"])  # fmt: skip
+    rec.save()
+    _report(r)
+    return 1 if r["errors"] else 0
+
+
+def _row(name: str, t: float, r: dict[str, Any]) -> None:
+    print(f"{name:<24}{t:>10.4f}{r['recompute_s'] / t:>14.2f}{t / r['floor_s']:>10.2f}",
+          flush=True)  # fmt: skip
 
 
 def _report(r: dict[str, Any]) -> None:
-    print(f"kvtier bench ttft  device={r['device']}  prompt={r['tokens']}  cached={r['cached']}  "
-          f"({r['cached_bytes'] / 1e9:.2f} GB, H2D {r['h2d_gbps']:.1f} GB/s)")  # fmt: skip
-    rows = [("recompute", r["recompute_s"]), ("floor", r["floor_s"]), ("host", r["host_s"]),
-            ("disk (cold)", r["disk_s"]), ("slow disk, cost-aware", r["slow_disk_s"])]  # fmt: skip
+    """The summary table, last (from whatever was measured)."""
+    print(f"kvtier bench ttft  device={r.get('device')}  prompt={r.get('tokens')}  "
+          f"cached={r.get('cached')}  ({r.get('cached_bytes', 0) / 1e9:.2f} GB, "
+          f"H2D {r.get('h2d_gbps', 0):.1f} GB/s)")  # fmt: skip
     print(f"{'case':<24}{'TTFT s':>10}{'x recompute':>14}{'/ floor':>10}")
-    for name, t in rows:
-        print(f"{name:<24}{t:>10.4f}{r['recompute_s'] / t:>14.2f}{t / r['floor_s']:>10.2f}")
-    fast = "MET" if r["speedup_host"] >= 10 else "MISSED"
-    near = "MET" if r["host_vs_floor"] <= 1.25 else "MISSED"
-    print(f"goals: host >= 10x recompute: {fast} ({r['speedup_host']:.1f}x); "
-          f"host <= 1.25x floor: {near} ({r['host_vs_floor']:.2f}x)")  # fmt: skip
+    cases = [("recompute", "recompute_s"), ("floor", "floor_s"), ("host", "host_s"),
+             ("disk (cold)", "disk_s"), ("slow disk, cost-aware", "slow_disk_s")]  # fmt: skip
+    for name, key in cases:
+        if key not in r:
+            print(f"{name:<24}{'not measured':>10}")
+        elif "floor_s" in r:
+            _row(name, r[key], r)
+    if "speedup_host" in r:
+        fast = "MET" if r["speedup_host"] >= 10 else "MISSED"
+        near = "MET" if r["host_vs_floor"] <= 1.25 else "MISSED"
+        print(f"goals: host >= 10x recompute: {fast} ({r['speedup_host']:.1f}x); "
+              f"host <= 1.25x floor: {near} ({r['host_vs_floor']:.2f}x)")  # fmt: skip
     for e in r["errors"]:
         print("ERROR:", e)
