@@ -5,15 +5,23 @@ map per page (create + map + access; goal <= 150 us), a GPU kernel reading pages
 the peer GPU against the same run's peer memcpy (goal >= 90%), and SDPA decode attention over
 elastic layer-first KV against a static tensor (goal within 2%). Without a GPU only the
 simulated backend's allocator timings run and the GPU rows say why they were skipped.
+
+Every row is recorded as soon as it is measured (`--out FILE` rewrites the JSON file after each
+one), and each section runs on its own: a section that raises leaves its earlier rows, adds a
+"FAILED" row naming the error, and the command exits 1 after the remaining sections ran.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
+import sys
 import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from kvtier.memory.elastic import ElasticPool
@@ -26,6 +34,8 @@ Row = dict[str, Any]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print rows as JSON")
+    parser.add_argument("--out", default=None,
+                        help="JSON file rewritten after every measured row")
     parser.add_argument("--pages", type=int, default=256, help="pages per allocation timing")
     parser.add_argument("--sim", action="store_true", help="simulated backend only")
     parser.add_argument("--peer-mib", type=int, default=1024, help="bytes read from the peer")
@@ -38,10 +48,9 @@ def row(name: str, value: float | None, unit: str, goal: str, ok: bool | None,
     return {"name": name, "value": value, "unit": unit, "goal": goal, "ok": ok, "note": note}
 
 
-def alloc_rows(backend: DeviceBackend, pages: int, label: str) -> list[Row]:
+def alloc_rows(backend: DeviceBackend, pages: int, label: str) -> Iterator[Row]:
     """Steady-state and cold allocation of one 2 MiB page (one block = one page)."""
     lay = ElasticLayout(regions=1, chunk_bytes=PAGE_BYTES, num_blocks=pages)
-    rows = []
     pool = ElasticPool(backend, lay, 0, reserve_slots=pages, zero_fill=False)
     try:
         pool.maintain()  # pre-map the whole reserve
@@ -52,9 +61,9 @@ def alloc_rows(backend: DeviceBackend, pages: int, label: str) -> list[Row]:
             times.append((time.perf_counter() - t0) / pages * 1e6)
             pool.free(blocks)
         v = statistics.median(times)
-        rows.append(row(f"{label}: steady alloc per 2 MiB page", v, "us", "<= 10", v <= 10))
     finally:
         pool.close()
+    yield row(f"{label}: steady alloc per 2 MiB page", v, "us", "<= 10", v <= 10)
     for zero_fill in (False, True):
         pool = ElasticPool(backend, lay, 0, reserve_slots=0, zero_fill=zero_fill)
         try:
@@ -67,19 +76,61 @@ def alloc_rows(backend: DeviceBackend, pages: int, label: str) -> list[Row]:
         finally:
             pool.close()
         what = "zero page swapped" if zero_fill else "no zero fill"
-        rows.append(row(f"{label}: cold map per page ({what})", cold, "us", "<= 150",
-                        cold <= 150))
-        rows.append(row(f"{label}: release per page ({what})", back, "us", "-", None))
-    return rows
+        yield row(f"{label}: cold map per page ({what})", cold, "us", "<= 150", cold <= 150)
+        yield row(f"{label}: release per page ({what})", back, "us", "-", None)
 
 
-def sim_rows(pages: int) -> list[Row]:
+def sim_rows(pages: int) -> Iterator[Row]:
     be = SimBackend([(pages + 2) * PAGE_BYTES])
     return alloc_rows(be, pages, "sim")
 
 
+class Recorder:
+    """Collects rows; with `path`, rewrites the JSON file (atomically) after every row so a
+    later crash or timeout still leaves every number measured so far."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+        self.rows: list[Row] = []
+        self.failed: list[str] = []
+        self.meta: dict[str, Any] = {"bench": "vmm", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                     "device": _device_name(), "commit": _commit()}
+        self._flush()
+
+    def add(self, r: Row) -> None:
+        self.rows.append(r)
+        self._flush()
+
+    def section(self, name: str, rows: Callable[[], Iterable[Row]]) -> bool:
+        """Record every row `rows()` yields; on an exception print the traceback to stderr,
+        record a FAILED row naming the error and return False instead of raising."""
+        try:
+            for r in rows():
+                self.add(r)
+            return True
+        except Exception as exc:  # one broken section must not hide the others
+            traceback.print_exc(file=sys.stderr)
+            self.failed.append(name)
+            self.add(row(f"{name}: FAILED", None, "", "", False,
+                         f"{type(exc).__name__}: {exc}"[:2000]))
+            return False
+
+    def document(self) -> dict[str, Any]:
+        return {**self.meta, "failed": self.failed, "rows": self.rows}
+
+    def _flush(self) -> None:
+        if self.path is None:
+            return
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.document(), f, indent=1)
+            f.write("\n")
+        os.replace(tmp, self.path)
+
+
 def run(args: argparse.Namespace) -> int:
-    rows = sim_rows(min(args.pages, 256))
+    rec = Recorder(args.out)
+    rec.section("sim alloc", lambda: sim_rows(min(args.pages, 256)))
     gpu_note = ""
     if not args.sim:
         try:
@@ -89,22 +140,23 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             has_gpu = False
         if has_gpu:
-            from kvtier.cli.bench_vmm_gpu import gpu_rows
+            from kvtier.cli.bench_vmm_gpu import run_gpu
 
-            rows += gpu_rows(args)
+            run_gpu(rec, args)
         else:
             gpu_note = "GPU rows skipped: no CUDA device"
     else:
         gpu_note = "GPU rows skipped: --sim"
     if gpu_note:
-        rows.append(row("cuda rows", None, "", "", None, gpu_note))
+        rec.add(row("cuda rows", None, "", "", None, gpu_note))
     if args.json:
-        print(json.dumps({"bench": "vmm", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                          "device": _device_name(), "commit": _commit(), "rows": rows},
-                         indent=1))
+        print(json.dumps(rec.document(), indent=1))
     else:
-        print(format_table(rows))
-    return 0  # missed goals are reported in the table; wrong results raise
+        print(format_table(rec.rows))
+    if rec.failed:
+        print(f"bench vmm: failed sections: {', '.join(rec.failed)}", file=sys.stderr)
+    # missed goals are reported in the table; wrong results and errors fail the command
+    return 1 if rec.failed else 0
 
 
 def _device_name() -> str:

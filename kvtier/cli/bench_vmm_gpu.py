@@ -1,37 +1,55 @@
-"""The GPU rows of `kvtier bench vmm` (imported only when CUDA is available)."""
+"""The GPU rows of `kvtier bench vmm` (imported only when CUDA is available).
+
+Sections (each recorded on its own, see `bench_vmm.Recorder`): CUDA allocation timings, a GPU0
+kernel reading pages that live on GPU1 against the peer memcpy ceiling, and SDPA decode over
+elastic vs static KV (`bench_vmm_attn`).
+"""
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
 
-from kvtier.cli.bench_vmm import Row, alloc_rows, row
-from kvtier.geometry import KVGeometry
+from kvtier.cli.bench_vmm import Recorder, Row, alloc_rows, row
 from kvtier.memory.elastic import ElasticPool
 from kvtier.memory.elastic_layout import ElasticLayout, PoolLimits
-from kvtier.memory.elastic_torch import cross_layer_tensor
 from kvtier.memory.vmm_backend import PAGE_BYTES
 from kvtier.memory.vmm_cuda import CudaVmmBackend
 
 
-def gpu_rows(args: argparse.Namespace) -> list[Row]:
+def run_gpu(rec: Recorder, args: argparse.Namespace) -> None:
+    """Record every GPU section into `rec`; a failing section does not stop the next one."""
     import torch
 
+    from kvtier.cli.bench_vmm_attn import attention_rows
+
     torch.cuda.init()
-    be = CudaVmmBackend()
-    rows = alloc_rows(be, args.pages, "cuda")
+    opened: list[CudaVmmBackend] = []
+
+    def start() -> Iterator[Row]:
+        opened.append(CudaVmmBackend())
+        return iter(())
+
+    if not rec.section("cuda backend", start):
+        return
+    be = opened[0]
+    rec.section("cuda alloc", lambda: alloc_rows(be, args.pages, "cuda"))
     if be.device_count() >= 2 and be.can_access_peer(0, 1):
-        rows += peer_rows(be, args.peer_mib << 20)
+        rec.section("peer read", lambda: peer_rows(be, args.peer_mib << 20))
     else:
-        rows.append(row("peer read", None, "", "", None, "skipped: needs 2 peer-capable GPUs"))
-    rows += attention_rows(be, args.attn_seqs, args.attn_tokens)
+        rec.add(row("peer read", None, "", "", None, "skipped: needs 2 peer-capable GPUs"))
+    rec.section("attention", lambda: attention_rows(be, args.attn_seqs, args.attn_tokens))
+    rec.section("cuda backend close", lambda: _close(be))
+
+
+def _close(be: CudaVmmBackend) -> Iterator[Row]:
     be.close()
-    return rows
+    return iter(())
 
 
-def _wall(fn: Any, iters: int) -> float:
+def wall(fn: Any, iters: int) -> float:
     """Seconds per call, all devices synchronised around the loop."""
     import torch
 
@@ -46,7 +64,7 @@ def _wall(fn: Any, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def peer_rows(be: CudaVmmBackend, nbytes: int) -> list[Row]:
+def peer_rows(be: CudaVmmBackend, nbytes: int) -> Iterator[Row]:
     """GPU0 kernels reading pages that live on GPU1 against a GPU1->GPU0 peer memcpy."""
     import torch
 
@@ -60,7 +78,7 @@ def peer_rows(be: CudaVmmBackend, nbytes: int) -> list[Row]:
         if any(pool.device_of(b) != 1 for b in blocks):
             raise RuntimeError("peer pool placed a page off GPU1")
         n = nbytes // 2
-        src = be.tensor(pool.base, (n,), torch.float16, 0)
+        src = be.tensor(pool.base, (n,), torch.float16, 0)  # checked: a view, not a copy
         # only GPU0 has access to the pool's range: fill it from GPU0, never via GPU1
         peer = torch.randn(n, device="cuda:1", dtype=torch.float16)
         src.copy_(peer.to("cuda:0"))
@@ -69,72 +87,16 @@ def peer_rows(be: CudaVmmBackend, nbytes: int) -> list[Row]:
         if not torch.equal(dst, -peer.to("cuda:0")):
             raise RuntimeError("kernel read of peer pages returned wrong data")
         iters = 20
-        t_memcpy = _wall(lambda: dst.copy_(peer), iters)
-        t_kernel = _wall(lambda: torch.neg(src, out=dst), iters)
-        t_sum = _wall(lambda: src.sum(dtype=torch.float32), iters)
-        gbs = {k: nbytes / t / 1e9 for k, t in
-               (("memcpy", t_memcpy), ("kernel", t_kernel), ("sum", t_sum))}
-        ratio = max(gbs["kernel"], gbs["sum"]) / gbs["memcpy"]
+        t_memcpy = wall(lambda: dst.copy_(peer), iters)
+        yield row("peer memcpy GPU1->GPU0 (ceiling)", nbytes / t_memcpy / 1e9, "GB/s", "-", None)
+        t_kernel = wall(lambda: torch.neg(src, out=dst), iters)
+        yield row("GPU0 kernel reading GPU1 pages (neg: read+local write)",
+                  nbytes / t_kernel / 1e9, "GB/s", "-", None)
+        t_sum = wall(lambda: src.sum(dtype=torch.float32), iters)
+        yield row("GPU0 kernel reading GPU1 pages (sum: read only)", nbytes / t_sum / 1e9,
+                  "GB/s", "-", None)
+        ratio = t_memcpy / min(t_kernel, t_sum)
+        yield row("peer-page kernel read / peer memcpy", 100 * ratio, "%", ">= 90", ratio >= 0.9)
         pool.free(blocks)
     finally:
         pool.close()
-    return [
-        row("peer memcpy GPU1->GPU0 (ceiling)", gbs["memcpy"], "GB/s", "-", None),
-        row("GPU0 kernel reading GPU1 pages (neg: read+local write)", gbs["kernel"], "GB/s",
-            "-", None),
-        row("GPU0 kernel reading GPU1 pages (sum: read only)", gbs["sum"], "GB/s", "-", None),
-        row("peer-page kernel read / peer memcpy", 100 * ratio, "%", ">= 90", ratio >= 0.9),
-    ]
-
-
-def attention_rows(be: CudaVmmBackend, seqs: int, tokens: int) -> list[Row]:
-    """Decode SDPA over paged layer-first KV: elastic view vs a static tensor, same block
-    table (shuffled, as after hours of serving), timed interleaved."""
-    import torch
-    import torch.nn.functional as F
-
-    geo = KVGeometry(4, 8, 128, 16, "bfloat16")
-    nblk = tokens // geo.page_size
-    lay = ElasticLayout.layer_first(geo, seqs * nblk)
-    pool = ElasticPool(be, lay, 0, reserve_slots=0)
-    try:
-        elastic = cross_layer_tensor(pool, geo)
-        if int(elastic.count_nonzero()) != 0:
-            raise RuntimeError("unbacked elastic KV does not read as zeros")
-        blocks = pool.alloc(seqs * nblk)
-        gen = torch.Generator(device="cuda:0").manual_seed(0)
-        perm = torch.randperm(len(blocks), device="cuda:0", generator=gen)
-        table = torch.tensor(blocks, device="cuda:0")[perm].view(seqs, nblk)
-        static = torch.randn(elastic.shape, device="cuda:0", generator=gen).to(torch.bfloat16)
-        elastic.copy_(static)
-        q = torch.randn(seqs, 32, 1, 128, device="cuda:0", generator=gen).to(torch.bfloat16)
-
-        def attend(cache: Any) -> Any:
-            out = []
-            for layer in range(geo.num_layers):
-                k = cache[layer, 0][table].view(seqs, tokens, 8, 128).transpose(1, 2)
-                v = cache[layer, 1][table].view(seqs, tokens, 8, 128).transpose(1, 2)
-                out.append(F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-            return torch.stack(out)
-
-        if not torch.equal(attend(elastic), attend(static)):
-            raise RuntimeError("attention over elastic KV differs from the static tensor")
-        times: dict[str, list[float]] = {"static": [], "elastic": []}
-        for _ in range(15):
-            for name, cache in (("static", static), ("elastic", elastic)):
-                times[name].append(_wall(lambda c=cache: attend(c), 3))
-        t_s, t_e = statistics.median(times["static"]), statistics.median(times["elastic"])
-        pool.free(blocks)
-        pool.check_integrity()
-        torch.cuda.synchronize()
-        if pool.mapped_bytes() or int(elastic.count_nonzero()) != 0:
-            raise RuntimeError("released elastic KV pages do not read as zeros")
-    finally:
-        pool.close()
-    ratio = t_e / t_s
-    note = f"{seqs} seqs x {tokens} tokens, 4 layers, GQA 32/8, bf16"
-    return [
-        row("SDPA decode over static KV", t_s * 1e3, "ms", "-", None, note),
-        row("SDPA decode over elastic KV", t_e * 1e3, "ms", "-", None, note),
-        row("elastic / static attention time", 100 * ratio, "%", "<= 102", ratio <= 1.02),
-    ]

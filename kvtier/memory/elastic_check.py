@@ -47,3 +47,30 @@ def check_pool(pool: ElasticPool) -> None:
             assert be.mapping(pool.base + off) == h, f"slot {slot}: page {off:#x} not mapped"
         dev_bytes[dev] = dev_bytes.get(dev, 0) + lay.slot_phys_bytes
     assert dev_bytes == pool.usage(), f"device bytes {pool.usage()} != recount {dev_bytes}"
+
+
+def describe_block(pool: ElasticPool, block: int, region: int = 0) -> dict[str, object]:
+    """Where `block` of `region` lives, for data-mismatch diagnostics: its slot, the device the
+    pool thinks backs it, the page's offset in the reservation, and which handle is really
+    mapped there (the slot's own page, the zero page, or something else). Reads only."""
+    lay, be = pool.layout, pool.backend
+    off = lay.block_offset(region, block)
+    page_off = off - off % lay.page_bytes
+    slot = lay.slot_of(block)
+    mapped = be.mapping(pool.base + page_off)
+    handles = pool.slots.handles[slot]
+    expected = None
+    if handles is not None:
+        expected = handles[lay.slot_pages(slot).index(page_off)]
+    zero = be.zero_page(pool.local) if pool.zero_fill else None
+    if mapped is None:
+        state = "unmapped"
+    elif mapped == expected:
+        state = "own page"
+    elif mapped == zero:
+        state = "zero page"
+    else:
+        state = "foreign page"
+    return {"block": block, "region": region, "slot": slot, "device": pool.device_of(block),
+            "allocated": bool(pool._allocated[block]), "page_offset": page_off,
+            "offset_in_page": off - page_off, "mapped": state}

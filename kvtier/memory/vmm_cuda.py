@@ -262,6 +262,12 @@ class CudaVmmBackend(DeviceBackend):
         except Exception:  # no cupy, or a cupy built for another CUDA
             flat = torch.as_tensor(_ArrayInterface(va, nbytes // itemsize, itemsize),
                                    device=f"cuda:{device}")
+        if flat.data_ptr() != va or flat.device != torch.device("cuda", device):
+            # torch copied (it took the device from the first page, not from `device`): a copy
+            # would silently detach every later write from the pool's pages
+            raise KVTierError(f"tensor view of {va:#x} came back as a copy at "
+                              f"{flat.data_ptr():#x} on {flat.device} (install cupy for "
+                              f"explicit-device views)")
         return flat.view(raw).view(dtype).view(*shape)
 
 

@@ -99,3 +99,33 @@ def test_pages_on_peer_gpu_read_by_local_kernels(backend) -> None:  # type: igno
         assert pool.usage() == {}
     finally:
         pool.close()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_view_of_range_starting_on_peer_page_is_not_a_copy(backend) -> None:  # type: ignore[no-untyped-def]
+    if not backend.can_access_peer(0, 1):
+        pytest.skip("no peer access between GPU0 and GPU1")
+    lay = ElasticLayout(regions=1, chunk_bytes=2 << 20, num_blocks=4)
+    pool = ElasticPool(backend, lay, 0, PoolLimits(None, ((1, 4 << 20),), local=0),
+                       reserve_slots=0)
+    try:
+        blocks = pool.alloc(2)
+        assert [pool.device_of(b) for b in blocks] == [1, 1]
+        view = backend.tensor(pool.base, (2 << 20,), torch.float16, 0)
+        assert view.data_ptr() == pool.base and view.device == torch.device("cuda:0")
+        ref = torch.randn(2 << 20, device="cuda:0", dtype=torch.float16)
+        view.copy_(ref)
+        again = backend.tensor(pool.base, (2 << 20,), torch.float16, 0)
+        assert torch.equal(again, ref)  # the write landed in the pool's (peer) pages
+        pool.free(blocks)
+    finally:
+        pool.close()
+
+
+def test_bench_attention_rows_small(backend) -> None:  # type: ignore[no-untyped-def]
+    from kvtier.cli.bench_vmm_attn import attention_rows
+
+    rows = {r["name"]: r for r in attention_rows(backend, 2, 512)}
+    assert rows["KV bytes elastic == static (after copy)"]["ok"] is True
+    assert rows["KV bytes elastic == static (after timing)"]["ok"] is True
+    assert rows["SDPA default: max |elastic - static|"]["ok"] is True
