@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from servers import MooncakeMaster, RedisServer, ServerUnavailable
 
-from kvtier.cache import EventKind, LookupStatus, TieredCache
+from kvtier.cache import EventKind, Lookup, LookupStatus, TieredCache
 
 from .helpers import NS, check_loaded, keys, settle, store_all
 
@@ -49,6 +49,19 @@ def events(cache: TieredCache) -> set[tuple[EventKind, str]]:
     return {(e.kind, e.tier) for e in cache.take_events()}
 
 
+def settle_all(cache: TieredCache, ks: list[bytes], rounds: int = 5) -> Lookup:
+    """Look up until promotion stops making progress. In demote mode the host's free slots can
+    all be tied up in demotions still in flight; the cache then answers with fewer hits rather
+    than waiting, so wait for the tiers (drain) and ask again."""
+    res = settle(cache, ks, timeout=30)
+    for _ in range(rounds):
+        if res.hits == len(ks):
+            break
+        cache.drain()
+        res = settle(cache, ks, timeout=30)
+    return res
+
+
 def finish(cache: TieredCache) -> None:
     cache.drain()
     cache.check_integrity()
@@ -78,7 +91,7 @@ def test_demote_into_redis_then_promote_back(redis_srv: RedisServer) -> None:
     assert (EventKind.DEMOTED, "redis") in got and (EventKind.STORED, "redis") not in got
     first = cache.lookup(ks[:4])
     assert first.status == LookupStatus.PENDING and first.pending >= 1
-    res = settle(cache, ks[:4])
+    res = settle_all(cache, ks[:4])
     assert res.hits == 4
     check_loaded(cache, ks[:4])
     assert (EventKind.PROMOTED, "redis") in events(cache)
@@ -154,7 +167,6 @@ def test_redis_killed_mid_promotion_never_serves_wrong_pages(redis_srv: RedisSer
     finish(cache)
 
 
-@pytest.mark.slow
 def test_mooncake_demote_promote_and_master_loss(tmp_path: Path) -> None:
     pytest.importorskip("mooncake.store")
     try:
@@ -164,18 +176,19 @@ def test_mooncake_demote_promote_and_master_loss(tmp_path: Path) -> None:
     try:
         mc = {"kind": "mooncake", "master": master.addr, "global_segment_size": "32MiB",
               "mode": "demote"}
-        cache = make(4, [mc, disk_tier(tmp_path, "demote")])
-        ks = keys(8)
+        cache = make(8, [mc, disk_tier(tmp_path, "demote")])
+        ks = keys(16)  # host holds at most 8 (less its headroom): the oldest go to mooncake
         store_all(cache, ks)
         assert (EventKind.DEMOTED, "mooncake") in events(cache)
-        assert settle(cache, ks[:4]).hits == 4
+        assert settle_all(cache, ks[:4]).hits == 4
         check_loaded(cache, ks[:4])
         assert (EventKind.PROMOTED, "mooncake") in events(cache)
         master.kill()
-        # lookups of pages only mooncake held become misses, never errors
-        res = settle(cache, ks[4:], timeout=30)
-        assert res.hits <= 4
+        # mooncake's pages are gone with it; the disk below still serves its copies
+        res = settle_all(cache, ks[4:])
+        assert res.hits >= 4
         check_loaded(cache, ks[4 : 4 + res.hits])
+        assert (EventKind.PROMOTED, "disk") in events(cache)
         finish(cache)
     finally:
         master.stop()

@@ -14,7 +14,6 @@ from kvtier.tiers.mooncake import MooncakeTier
 from kvtier.tiers.registry import make_tier
 
 pytest.importorskip("mooncake.store")
-pytestmark = pytest.mark.slow  # each test starts a master and a client (a few seconds each)
 
 
 def make(pages: Pages, master: MooncakeMaster, **kw: object) -> MooncakeTier:
