@@ -84,7 +84,7 @@ def copy_items_kernel(
 
 
 @triton.jit
-def permute_rows_kernel(
+def permute_runs_kernel(
     src,
     dst,
     n_rows,
@@ -101,13 +101,19 @@ def permute_rows_kernel(
     t5,
     ROW: tl.constexpr,
     ROWS: tl.constexpr,
+    EVEN: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
-    """dst is dense; its rows of ROW elements are numbered in dst order, and row r splits into
-    six indices (i0..i5) over the sizes (., s1..s5), outermost first. Row r is read from
-    src + sum(i_a * t_a) (element strides of src for the same axes). Grid: cdiv(n_rows, ROWS)."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
-    rmask = rows < n_rows
+    """dst is dense; its rows of ROW contiguous elements (a power of two) are numbered in dst
+    order, and row r splits into six indices (i0..i5) over the sizes (., s1..s5), outermost
+    first. Row r is read from src + sum(i_a * t_a) (element strides of src; every t_a is a
+    multiple of ROW). Each program copies ROWS consecutive rows; grid: cdiv(n_rows, ROWS).
+    EVEN: n_rows % ROWS == 0 (no mask). WIDE: row numbers need 64 bits (else the index
+    arithmetic, once per row, runs in 32 bits)."""
+    pid = tl.program_id(0)
+    if WIDE:
+        pid = pid.to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS)
     r = rows
     i5 = r % s5
     r = r // s5
@@ -119,9 +125,21 @@ def permute_rows_kernel(
     r = r // s2
     i1 = r % s1
     i0 = r // s1
-    src_off = i0 * t0 + i1 * t1 + i2 * t2 + i3 * t3 + i4 * t4 + i5 * t5
+    src_off = (
+        i0.to(tl.int64) * t0
+        + i1.to(tl.int64) * t1
+        + i2.to(tl.int64) * t2
+        + i3.to(tl.int64) * t3
+        + i4.to(tl.int64) * t4
+        + i5.to(tl.int64) * t5
+    )
     src_off = tl.multiple_of(src_off, ROW)
+    dst_off = tl.multiple_of(rows.to(tl.int64) * ROW, ROW)
     cols = tl.arange(0, ROW)
-    mask = rmask[:, None]
-    x = tl.load(src + src_off[:, None] + cols[None, :], mask=mask)
-    tl.store(dst + rows[:, None] * ROW + cols[None, :], x, mask=mask)
+    if EVEN:
+        x = tl.load(src + src_off[:, None] + cols[None, :])
+        tl.store(dst + dst_off[:, None] + cols[None, :], x)
+    else:
+        mask = (rows < n_rows)[:, None]
+        x = tl.load(src + src_off[:, None] + cols[None, :], mask=mask)
+        tl.store(dst + dst_off[:, None] + cols[None, :], x, mask=mask)

@@ -82,14 +82,48 @@ def test_copy_kernel_matches_torch(
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
-@pytest.mark.parametrize(
-    "g", [KVGeometry(2, 2, 32, 4, "bfloat16"), KVGeometry(2, 1, 576, 2, "bfloat16", mla=True)]
-)
-def test_convert_kernel_matches_torch(kernels: ModuleType, g: KVGeometry) -> None:
+CONVERT_CASES = [
+    (KVGeometry(2, 2, 32, 4, "bfloat16"), 3, 8192),
+    (KVGeometry(2, 1, 576, 2, "bfloat16", mla=True), 3, 8192),
+    (KVGeometry(3, 1, 64, 4, "float16"), 5, 8192),  # one head: page_head merges away
+    (KVGeometry(2, 2, 24, 3, "bfloat16"), 5, 256),  # 8-element rows, masked last tile
+    (KVGeometry(2, 3, 5, 2, "bfloat16"), 3, 64),  # odd head size: rows of one element
+    (KVGeometry(3, 2, 16, 4, "float32"), 1, 4096),  # one page: the P axis vanishes
+    (KVGeometry(2, 2, 32, 8, "float32"), 2, 1 << 16),  # tile larger than the pool
+]
+
+
+@pytest.mark.parametrize(("g", "pages", "tile"), CONVERT_CASES)
+def test_convert_kernel_matches_torch(
+    kernels: ModuleType, g: KVGeometry, pages: int, tile: int
+) -> None:
     from kvtier.transfer.convert import convert_layout
 
+    move = {2: torch.int16, 4: torch.int32}[g.itemsize]
+    lim = 2 ** (8 * g.itemsize - 1)
     gen = torch.Generator().manual_seed(2)
     for frm, to in itertools.product(list(Layout), repeat=2):
-        src = torch.randint(-(2**15), 2**15, shape(frm, g, 3), dtype=torch.int16, generator=gen)
-        out = convert_layout(src, frm, to, g, path="triton", triton_module=kernels)
-        assert torch.equal(out.view(torch.int16), torch_convert(src, frm, to, g).view(torch.int16))
+        src = torch.randint(-lim, lim, shape(frm, g, pages), dtype=torch.int64, generator=gen)
+        src = src.to(move)
+        out = torch.full(shape(to, g, pages), -1, dtype=move)
+        convert_layout(
+            src, frm, to, g, out=out, path="triton", triton_module=kernels, tile_bytes=tile
+        )
+        assert torch.equal(out, torch_convert(src, frm, to, g).view(move)), (frm, to)
+
+
+def test_convert_plan_merges_contiguous_axes() -> None:
+    from kvtier.transfer.convert import merged_axes, plan
+
+    g = KVGeometry(4, 8, 128, 16, "bfloat16")
+    chunk = 16 * 8 * 128
+    # layer_first -> page_first: whole [S][H][D] chunks, contiguous on both sides
+    assert merged_axes(Layout.LAYER_FIRST, Layout.PAGE_FIRST, g, 10) == [
+        (10, chunk),
+        (4 * 2, 10 * chunk),
+        (chunk, 1),
+    ]
+    assert merged_axes(Layout.PAGE_HEAD, Layout.PAGE_HEAD, g, 10) == [(10 * g.page_elems, 1)]
+    p = plan(Layout.LAYER_FIRST, Layout.PAGE_FIRST, g, 10, 8192)
+    assert (p.row, p.rows_per_tile, p.n_rows) == (4096, 1, 10 * g.page_elems // 4096)
+    assert p.sizes[-1] == chunk // 4096 and p.steps[-1] == 4096
