@@ -139,3 +139,19 @@ def test_promotion_from_disk_converges_with_a_small_host_tier(tmp_path: Path) ->
     assert doc["hits"]["disk"] == 4 and doc["hits"]["host"] == 0
     m.cache.check_integrity()
     m.shutdown()
+
+
+def test_reset_cache_returns_the_leases_of_forgotten_jobs(tmp_path: Path) -> None:
+    m = make(tmp_path, 4, disk=False)
+    ctx = ReqContext("r")
+    done = vkeys(2, tag=b"d")
+    store(m, done, ctx)
+    m.prepare_load(done, ctx)  # a load vLLM will never complete
+    out = m.prepare_store(vkeys(2, tag=b"w"), ctx)  # a store it will never complete
+    assert out is not None and m.cache.pins() == 4
+    m.reset_cache()
+    assert m.cache.pins() == 0
+    m.cache.check_integrity()
+    assert m.lookup(done[0], ctx) is LookupResult.HIT  # stored pages stay valid
+    assert m.lookup(vkeys(1, tag=b"w")[0], ctx) is LookupResult.MISS  # aborted, not stuck
+    m.shutdown()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -84,6 +84,8 @@ class KVTierOffloadingManager(OffloadingManager):
         self._stats_path = Path(stats_path) if stats_path else None
         self._last_stats: dict[str, Any] | None = None
         self._on_close = on_close
+        self._writing: set[PageKey] = set()  # planned stores vLLM has not completed
+        self._reading: Counter[PageKey] = Counter()  # leases of loads not completed
 
     # -- keys --------------------------------------------------------------------------------
     def _key(self, key: OffloadKey) -> PageKey:
@@ -137,6 +139,7 @@ class KVTierOffloadingManager(OffloadingManager):
 
     def prepare_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> LoadStoreSpec:
         plan = self.cache.prepare_load(self._keys(keys))
+        self._reading.update(plan.keys)
         groups = [self.group_pos[get_offload_group_idx(k)] for k in keys]
         # vLLM asks for the hit source right after this; later loads are host hits.
         self._load_src = {k: t for k in plan.keys if (t := self._promoted_from.pop(k, None))}
@@ -146,7 +149,10 @@ class KVTierOffloadingManager(OffloadingManager):
         self.cache.touch(self._keys(keys))
 
     def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
-        self.cache.complete_load(self._keys(keys))
+        ours = self._keys(keys)
+        self._reading.subtract(ours)
+        self._reading = +self._reading
+        self.cache.complete_load(ours)
 
     def prepare_store(
         self, keys: Collection[OffloadKey], req_context: ReqContext
@@ -155,6 +161,7 @@ class KVTierOffloadingManager(OffloadingManager):
         plan = self.cache.prepare_store(ours)
         if plan is None:
             return None
+        self._writing.update(plan.keys)
         to_store = [self._vkey[k] for k in plan.keys]
         groups = [self.group_pos[get_offload_group_idx(k)] for k in to_store]
         evicted = [self._vkey[k] for k in plan.evicted if k in self._vkey]
@@ -167,7 +174,21 @@ class KVTierOffloadingManager(OffloadingManager):
     def complete_store(
         self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True
     ) -> None:
-        self.cache.complete_store(self._keys(keys), success)
+        ours = self._keys(keys)
+        self._writing.difference_update(ours)
+        self.cache.complete_store(ours, success)
+
+    def reset_cache(self) -> None:
+        """vLLM forgets every job in flight (it never completes them): give their leases back.
+        Pages already stored stay: their keys still name exactly their KV."""
+        if self._writing:
+            self.cache.complete_store(list(self._writing), success=False)
+        for key, n in self._reading.items():
+            for _ in range(n):
+                self.cache.complete_load([key])
+        self._writing.clear()
+        self._reading.clear()
+        self._scan_req, self._scan = None, []
 
     def on_schedule_end(self, context: ScheduleEndContext) -> None:
         self.cache.poll()
