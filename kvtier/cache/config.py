@@ -15,6 +15,8 @@
         budget: 50GiB
     promotion: {max_pages: 256}        # largest promotion batch started by one lookup
     headroom: 0.02                     # fraction of host slots kept free by demoting early
+    segment: null                      # publish per-tier counters under this segment name
+                                       # (KVTIER_RUN_DIR/stats/<segment>.json, for `kvtier top`)
 
 Validation happens here and in each tier's factory; every error names the field.
 """
@@ -59,6 +61,7 @@ class CacheConfig:
     model_id: str | None = None
     max_promotion_pages: int = 256
     headroom: float = 0.02
+    segment: str | None = None
 
     @classmethod
     def load(
@@ -86,7 +89,7 @@ def _check_keys(where: str, data: Mapping[str, Any], allowed: set[str]) -> None:
 
 
 def parse_config(data: Mapping[str, Any]) -> CacheConfig:
-    _check_keys("", data, {"model_id", "host", "tiers", "promotion", "headroom"})
+    _check_keys("", data, {"model_id", "host", "tiers", "promotion", "headroom", "segment"})
     host_data = data.get("host") or {}
     if not isinstance(host_data, Mapping):
         raise ConfigError("host", host_data, "a mapping")
@@ -130,8 +133,16 @@ def parse_config(data: Mapping[str, Any]) -> CacheConfig:
     if not isinstance(headroom, (int, float)) or not 0 <= headroom < 0.5:
         raise ConfigError("headroom", headroom, "a fraction in [0, 0.5)")
     model_id = data.get("model_id")
+    segment = data.get("segment")
+    if segment is not None and (not isinstance(segment, str) or not segment):
+        raise ConfigError("segment", segment, "a segment name (letters, digits, '-', '_', '.')")
     return CacheConfig(
-        host, tuple(tiers), None if model_id is None else str(model_id), max_pages, float(headroom)
+        host,
+        tuple(tiers),
+        None if model_id is None else str(model_id),
+        max_pages,
+        float(headroom),
+        segment,
     )
 
 

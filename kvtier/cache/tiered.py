@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
@@ -35,6 +36,7 @@ from kvtier.cache.types import (
 from kvtier.errors import ConfigError
 from kvtier.keys import Namespace, PageKey
 from kvtier.memory.host_pool import HostPool
+from kvtier.memory.segments import SegmentRegistry, check_name
 from kvtier.policy import EvictionPolicy, make_policy
 from kvtier.tiers.base import SecondaryTier, TierContext
 from kvtier.tiers.host import HostTier, PageState
@@ -106,7 +108,12 @@ class TieredCache:
         self._closed = False
         self._pump: threading.Thread | None = None
         self._stop = threading.Event()
-        if background and self.tiers:
+        self._registry: SegmentRegistry | None = None
+        if self.config.segment is not None:
+            check_name(self.config.segment)
+            self._registry = SegmentRegistry()
+        self._published = 0.0
+        if background and (self.tiers or self._registry is not None):
             self._pump = threading.Thread(target=self._pump_loop, name="kvtier-cache", daemon=True)
             self._pump.start()
 
@@ -404,6 +411,24 @@ class TieredCache:
             if self._jobs or self._sealer.busy():
                 with self._lock:
                     self._poll_locked()
+            if self._registry is not None and time.monotonic() - self._published > 1.0:
+                self.publish_stats()
+
+    def publish_stats(self) -> None:
+        """Write per-tier counters to the segment's stats file (read by `kvtier top`)."""
+        if self._registry is None or self.config.segment is None:
+            return
+        self._published = time.monotonic()
+        stats = self.stats()
+        tiers = {
+            t.name: {"hits": float(t.hits), "misses": float(stats.miss_pages),
+                     "pages": float(t.pages), "bytes": float(t.used_bytes)}
+            for t in stats.tiers
+        }  # fmt: skip
+        try:
+            self._registry.write_stats(self.config.segment, tiers)
+        except OSError as exc:  # statistics are best effort; never a fault in the engine
+            log.debug("could not publish stats: %s", exc)
 
     # -- stats and integrity ---------------------------------------------------------------------
     def stats(self) -> CacheStats:
@@ -454,8 +479,6 @@ class TieredCache:
 
     def drain(self, timeout: float = 30.0) -> None:
         """Wait until no background work is in flight (tests, shutdown)."""
-        import time
-
         deadline = time.monotonic() + timeout
         while True:
             self._sealer.flush(max(0.0, deadline - time.monotonic()))
@@ -478,6 +501,7 @@ class TieredCache:
         self._stop.set()
         if self._pump is not None:
             self._pump.join()
+        self.publish_stats()
         self._sealer.close()
         for tier in self.tiers:
             tier.close()

@@ -181,3 +181,24 @@ def test_foreign_namespace_never_served(tmp_path: Path) -> None:
 def test_bad_config_names_the_field(cfg: dict[str, object], field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         TieredCache(cfg, NS)
+
+
+def test_stats_are_published_for_kvtier_top(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import subprocess
+
+    monkeypatch.setenv("KVTIER_RUN_DIR", str(tmp_path))
+    cache = TieredCache({"host": {"budget": 4 * SLOT}, "segment": "engine-a"}, NS)
+    ks = keys(2)
+    store(cache, ks)
+    check_loaded(cache, ks)
+    cache.close()
+    data = json.loads((tmp_path / "stats" / "engine-a.json").read_text())
+    assert data["tiers"]["host"]["hits"] == 2
+    with pytest.raises(ConfigError, match="segment"):
+        TieredCache({"segment": ""}, NS)
+    out = subprocess.run(["kvtier", "top", "--once"], capture_output=True, text=True,
+                         env={**__import__("os").environ, "KVTIER_RUN_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
