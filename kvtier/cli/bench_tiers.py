@@ -2,7 +2,8 @@
 
 For 1-2 MiB page blobs, each tier stores and loads the same pages as its store's own client does
 in the same run (raw redis-py pipelined SET/MGET, raw Mooncake batch put/get from the same
-buffers, raw per-file write+fsync/read), and the disk tier is also set against dd-like
+buffers, raw per-file write+fsync/read, raw pwrite/pread of the NIXL tier's slab file: see
+bench_tiers_nixl), and the disk tier is also set against dd-like
 sequential write+fsync/read of the same bytes. Servers are started on loopback by the bench;
 a tier whose server is not installed is skipped with a note. Goals: tier >= 80% of raw, disk
 tier >= 80% of sequential.
@@ -27,18 +28,19 @@ from typing import Any
 
 from kvtier.cli import bench_tiers_run as m
 from kvtier.cli.servers import MooncakeMaster, RedisServer, ServerUnavailable
+from kvtier.errors import KVTierError
 from kvtier.keys import verify
 from kvtier.tiers.base import ThreadedTier
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.registry import make_tier
 
 GOAL = 0.8
-ALL = ("disk", "redis", "mooncake")
+ALL = ("disk", "redis", "mooncake", "nixl")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--tiers", default=",".join(ALL), help="comma list of disk,redis,mooncake")
+    parser.add_argument("--tiers", default=",".join(ALL), help="comma list of " + ",".join(ALL))
     parser.add_argument("--page-mib", type=float, default=2.0, help="page payload size (MiB)")
     parser.add_argument("--pages", type=int, default=64, help="pages per pass")
     parser.add_argument("--batch", type=int, default=16, help="pages per tier job / raw batch")
@@ -227,9 +229,13 @@ def run(args: argparse.Namespace) -> int:
                     rows += bench_disk(args, pages, base)
                 elif name == "redis":
                     rows += bench_redis(args, pages)
-                else:
+                elif name == "mooncake":
                     rows += bench_mooncake(args, pages)
-            except (ServerUnavailable, ImportError) as exc:
+                else:
+                    from kvtier.cli.bench_tiers_nixl import bench_nixl
+
+                    rows += bench_nixl(args, pages, base)
+            except (ServerUnavailable, ImportError, KVTierError) as exc:
                 notes.append(f"{name} skipped: {exc}")
     finally:
         shutil.rmtree(base, ignore_errors=True)
