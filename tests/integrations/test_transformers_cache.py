@@ -154,3 +154,41 @@ def test_cost_aware_recomputes_when_the_tier_is_slower(tmp_path: Path) -> None:
         assert second.pins() == 0
     finally:
         second.close()
+
+
+@pytest.mark.parametrize("make", [_llama, _mistral_sliding], ids=["llama", "mistral-sliding"])
+def test_reported_sizes_match_a_cache_that_computed_the_prefix(make: Any, tmp_path: Path) -> None:
+    """What the mask and positions are built from (get_seq_length, get_mask_sizes) agrees, layer
+    by layer, with a DynamicCache that computed the prefix itself: before the loaded layers
+    arrive, and after the suffix's forward."""
+    model = make()
+    tiered = _tiered(model, tmp_path)
+    try:
+        ids = torch.randint(0, 128, (1, 90))
+        warm = KVTierCache(model.config, tiered)
+        _prefill(model, warm, ids, TokenCounter(model))
+        c = KVTierCache(model.config, tiered, store=False)
+        hit = c.attach(ids)
+        assert hit == 80
+        plain = transformers.DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=ids[:, :hit], past_key_values=plain, use_cache=True)
+        q = ids.shape[1] - hit
+        for layer in range(len(plain.layers)):
+            assert c.get_seq_length(layer) == plain.get_seq_length(layer) == hit
+            assert c.get_mask_sizes(q, layer) == plain.get_mask_sizes(q, layer)
+        with torch.no_grad():
+            got = model(input_ids=ids[:, hit:], past_key_values=c, logits_to_keep=1,
+                        cache_position=torch.arange(hit, ids.shape[1]), use_cache=True)  # fmt: skip
+            ref = model(input_ids=ids[:, hit:], past_key_values=plain, logits_to_keep=1,
+                        cache_position=torch.arange(hit, ids.shape[1]), use_cache=True)  # fmt: skip
+        torch.testing.assert_close(got.logits, ref.logits, rtol=1e-4, atol=1e-4)
+        for layer in range(len(plain.layers)):
+            assert c.get_seq_length(layer) == plain.get_seq_length(layer) == ids.shape[1]
+            assert c.get_mask_sizes(1, layer) == plain.get_mask_sizes(1, layer)
+            assert c.layers[layer].keys.shape == plain.layers[layer].keys.shape
+        c.close()
+        tiered.drain()
+        assert tiered.pins() == 0
+    finally:
+        tiered.close()

@@ -87,6 +87,9 @@ class KVTierCache(DynamicCache):
         is faster; then only the pages already in host memory count."""
         tokens = self._tokens(input_ids)
         keys = page_keys(self.tiered.namespace, tokens)[: (len(tokens) - 1) // self.g.page_size]
+        return self._lookup_keys(keys, cost)
+
+    def _lookup_keys(self, keys: list[PageKey], cost: CostModel | None) -> int:
         deadline = time.monotonic() + self.promote_wait_s
         first = True
         while True:
@@ -123,7 +126,8 @@ class KVTierCache(DynamicCache):
         s = self.g.page_size
         self._keys = page_keys(self.tiered.namespace, tokens)
         self.skipped_tokens = 0
-        hit = self.lookup(tokens, cost) if load else 0
+        # at least one token is left to compute: only pages ending before the last token count
+        hit = self._lookup_keys(self._keys[: (len(tokens) - 1) // s], cost) if load else 0
         n = hit // s
         if n and cost is not None and not cost.worth_loading(n, self.g.page_bytes, s, in_host=True):
             self.skipped_tokens += n * s
@@ -159,8 +163,8 @@ class KVTierCache(DynamicCache):
                 if input_ids.shape[0] != 1:
                     raise ValueError("KVTierCache handles one sequence (batch size 1)")
                 input_ids = input_ids[0]
-            return [int(t) for t in input_ids.tolist()]
-        return [int(t) for t in input_ids]
+            return list(map(int, input_ids.tolist()))  # one device sync, plain ints
+        return list(map(int, input_ids))
 
     @staticmethod
     def _device(input_ids: Any) -> torch.device:
@@ -258,8 +262,8 @@ class KVTierCache(DynamicCache):
 
     def close(self) -> None:
         self.flush()
+        self.release()  # waits for in-flight host reads before the leases go back
         self._loader = None
-        self.release()
 
 
 def _qlen(query_length: Any) -> int:
