@@ -87,6 +87,14 @@ class TieredCache:
             for tier in self.tiers:
                 tier.close()
             raise
+        buf = host_pool.tensor
+        try:
+            for tier in self.tiers:
+                tier.register_host_memory(buf.data_ptr(), buf.numel())
+        except BaseException:
+            for tier in self.tiers:
+                tier.close()
+            raise
         modes = [t.mode for t in self.config.tiers]
         self._through = [i for i, m in enumerate(modes) if m == "write_through"]
         self._demote = [i for i, m in enumerate(modes) if m == "demote"]

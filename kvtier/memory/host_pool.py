@@ -108,7 +108,8 @@ class HostPool:
         with self._lock:
             if n > len(self._free):
                 return None
-            out = self._free[len(self._free) - n :]
+            # Reversed so a fresh pool hands out ascending, contiguous slots: longer copy runs.
+            out = self._free[len(self._free) - n :][::-1]
             del self._free[len(self._free) - n :]
             for s in out:
                 self._is_free[s] = 0

@@ -107,6 +107,11 @@ class SecondaryTier(ABC):
     def inflight(self) -> int:
         return 0
 
+    def register_host_memory(self, ptr: int, nbytes: int) -> None:
+        """Called once per host pool before its slots are used, so a tier that moves bytes by
+        address (RDMA, NIXL) can register the whole buffer once. Default: nothing to do."""
+        return None
+
     @abstractmethod
     def stats(self) -> TierStats: ...
 

@@ -76,6 +76,9 @@ class NixlTier(ThreadedTier):
         """Register the host pool's buffer with NIXL once (optional; else found per batch)."""
         return self.store.host.register(ptr, nbytes)
 
+    def register_host_memory(self, ptr: int, nbytes: int) -> None:
+        self.register_host_buffer(ptr, nbytes)
+
     # -- start-up -------------------------------------------------------------------------------
     def _scan(self) -> int:
         """Rebuild the index from the slot headers; return the number of pages found."""
