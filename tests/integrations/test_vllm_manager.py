@@ -155,3 +155,22 @@ def test_reset_cache_returns_the_leases_of_forgotten_jobs(tmp_path: Path) -> Non
     assert m.lookup(done[0], ctx) is LookupResult.HIT  # stored pages stay valid
     assert m.lookup(vkeys(1, tag=b"w")[0], ctx) is LookupResult.MISS  # aborted, not stuck
     m.shutdown()
+
+
+def test_request_tier_filter_is_honoured(tmp_path: Path) -> None:
+    from vllm.v1.kv_offload.base import TierFilter, TierMatcher
+
+    m = make(tmp_path, 2)
+    ctx = ReqContext("w")
+    in_host, on_disk = vkeys(1, tag=b"h"), vkeys(2, tag=b"x")
+    store(m, on_disk, ctx)
+    settle(m)
+    store(m, in_host + vkeys(1, tag=b"y"), ctx)  # pushes on_disk out of host memory
+    settle(m)
+    host_only = ReqContext("h", load_tier_filter=TierFilter((TierMatcher(Medium.CPU),)))
+    assert m.lookup(in_host[0], host_only) is LookupResult.HIT
+    assert m.lookup(on_disk[0], host_only) is LookupResult.MISS
+    nothing = ReqContext("n", load_tier_filter=TierFilter(()))
+    assert m.lookup(in_host[0], nothing) is LookupResult.MISS
+    assert m.lookup(on_disk[1], ReqContext("a")) is LookupResult.HIT_PENDING
+    m.shutdown()

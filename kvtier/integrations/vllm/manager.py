@@ -32,6 +32,7 @@ from vllm.v1.kv_offload.base import (
     ReqContext,
     RequestOffloadingContext,
     ScheduleEndContext,
+    TierFilter,
     get_offload_group_idx,
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
@@ -104,6 +105,15 @@ class KVTierOffloadingManager(OffloadingManager):
         return RequestOffloadingContext()
 
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
+        flt = req_context.load_tier_filter
+        if flt is not TierFilter.ALL and not flt.allows(Medium.CPU, Locality.LOCAL):
+            return LookupResult.MISS  # the request may not load from host memory at all
+        result = self._lookup(key, req_context)
+        if result is LookupResult.HIT_PENDING and not flt.allows(Medium.STORAGE, None):
+            return LookupResult.MISS  # only a lower tier has it, and the request refuses those
+        return result
+
+    def _lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
         k = self._key(key)
         # vLLM asks key by key along a request's prefix. The keys already answered HIT in this
         # scan go first, so that a promotion started for this key never evicts them (with a
