@@ -3,9 +3,9 @@
 vLLM hands the worker its KV caches as `CanonicalKVCaches`: per KV-cache group, one byte view
 `[num_blocks, page_bytes]` per layer (layers that share memory under the hybrid allocator share
 a view). Each group becomes one DeviceKV over those views and one CopyEngine on the shared host
-pool. A group with fewer layers than the largest one is padded with a scratch plane (every group
-uses the same page size). A vLLM job may touch several groups; it is reported finished when all
-of its per-group copy jobs are.
+pool. A group with fewer layers than the largest one is padded with a plane of zeros (every group
+uses the same page size; loads never write it). A vLLM job may touch several groups; it is
+reported finished when all of its per-group copy jobs are.
 
 The first page of a group in a job may start inside a chunk (the GPU prefix cache already holds
 the chunk's first blocks): a store reads vLLM's null block 0 for the missing positions (never
@@ -15,6 +15,7 @@ was given, row by row.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ def _planes_for_group(
     kv: CanonicalKVCaches, refs_idx: int, geometry: KVGeometry, runs: int, device: torch.device
 ) -> list[torch.Tensor]:
     """`runs` equal plane views per layer of the group (2 for K/V, 1 for an opaque block),
-    padded to the page's layer count with a zero-stride scratch plane."""
+    padded to the page's layer count with a zero-stride plane of zeros."""
     dt = torch_dtype(geometry.dtype)
     planes: list[torch.Tensor] = []
     for ref in kv.group_data_refs[refs_idx]:
@@ -102,6 +103,12 @@ class KVTierOffloadingWorker(OffloadingWorker):
         for gi in range(len(kv_caches.group_data_refs)):
             planes = _planes_for_group(kv_caches, gi, geo, runs, device)
             dkv = DeviceKV.from_planes(planes, geo, block_size)
+            real = len(kv_caches.group_data_refs[gi]) * runs
+            if real < len(planes):
+                # Padding planes are read on store (zeros) but never written on load: marking
+                # them aliases of plane 0 takes them out of DeviceKV.write_planes().
+                alias = dkv.alias_of[:real] + (0,) * (len(planes) - real)
+                dkv = dataclasses.replace(dkv, alias_of=alias)
             self.dkvs.append(dkv)
             self.engines.append(CopyEngine(dkv, pool))
         self._host = host_planes(pool, self.dkvs[0])
