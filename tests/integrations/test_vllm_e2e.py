@@ -105,9 +105,10 @@ def kvtier_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_demo_json_smallest() -> None:
     res = kvtier_cli(
-        "demo", "--json", "--no-progress", "--sessions", "2", "--turns", "2",
-        "--system-tokens", "96", "--user-tokens", "32", "--max-tokens", "4",
-        "--gpu-blocks", "8", "--host-budget", "2MiB", "--model", "llama",
+        # Four sessions outgrow the smallest vLLM KV (one conversation's worth of blocks).
+        "demo", "--json", "--no-progress", "--sessions", "4", "--turns", "2",
+        "--system-tokens", "96", "--user-tokens", "64", "--max-tokens", "4",
+        "--gpu-blocks", "1", "--host-budget", "2MiB", "--model", "llama",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout)
