@@ -174,3 +174,22 @@ def test_request_tier_filter_is_honoured(tmp_path: Path) -> None:
     assert m.lookup(in_host[0], nothing) is LookupResult.MISS
     assert m.lookup(on_disk[1], ReqContext("a")) is LookupResult.HIT_PENDING
     m.shutdown()
+
+
+def test_one_lookup_promotes_the_rest_of_the_request(tmp_path: Path) -> None:
+    m = make(tmp_path, 8)
+    ctx = ReqContext("w")
+    prefix = vkeys(5, tag=b"p")
+    store(m, prefix, ctx)
+    settle(m)
+    store(m, vkeys(8, tag=b"f"), ctx)  # the prefix now lives on disk only
+    settle(m)
+    req = ReqContext("again")
+    for i, k in enumerate(prefix):  # what vLLM records as it hashes the prompt
+        req.set_offload_key_position(k, (i + 1) * 32)
+    assert m.lookup(prefix[0], req) is LookupResult.HIT_PENDING
+    settle(m)
+    # Pages 1..4 were never asked about: the first lookup's promotion brought them up.
+    assert all(m.lookup(k, ReqContext("other")) is LookupResult.HIT for k in prefix)
+    m.cache.check_integrity()
+    m.shutdown()

@@ -121,7 +121,10 @@ class KVTierOffloadingManager(OffloadingManager):
         scan = self._scan if self._scan_req == req_context.req_id else []
         if k in scan:  # a new scan of the same request (deferred lookups start over)
             scan = []
-        res = self.cache.lookup([*scan, k])
+        # Not in host memory: ask about the request's following pages too, so that one
+        # promotion job brings the whole run up from a lower tier instead of one job per page.
+        tail = self._following(key, req_context) if self.cache.host.state(k) is None else []
+        res = self.cache.lookup([*scan, k, *tail])
         if res.hits > len(scan):
             self._scan_req = req_context.req_id
             self._scan = [*scan, k][-self._scan_limit :]
@@ -138,6 +141,19 @@ class KVTierOffloadingManager(OffloadingManager):
             self._pending += 1
             return LookupResult.RETRY
         return LookupResult.MISS
+
+    def _following(self, key: OffloadKey, req_context: ReqContext) -> list[PageKey]:
+        """The request's keys after `key` in the same group, in prefix order (vLLM records each
+        key's end token in the request context; without that record, none)."""
+        positions = getattr(req_context, "_offload_key_positions", None)
+        mine = positions.get(key) if positions else None
+        if mine is None or positions is None:
+            return []
+        group = get_offload_group_idx(key)
+        later = sorted(
+            (p, k) for k, p in positions.items() if p > mine and get_offload_group_idx(k) == group
+        )
+        return [self._key(k) for _, k in later[: self._scan_limit - 1]]
 
     def get_load_source(self, key: OffloadKey, req_context: ReqContext) -> CacheHitSource:
         self._drain_events()
