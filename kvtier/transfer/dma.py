@@ -92,10 +92,19 @@ class BatchDMA:
                 cls._instance = cls()
             return cls._instance
 
-    def copy(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: int) -> None:
+    def copy(
+        self,
+        dsts: np.ndarray,
+        srcs: np.ndarray,
+        sizes: np.ndarray,
+        stream: int,
+        *,
+        loop: bool = False,
+    ) -> None:
         """Enqueue copies dsts[i] <- srcs[i] (sizes[i] bytes) on `stream` (a CUstream handle,
-        never the legacy default stream). The arrays are read during the call only. Raises
-        DMAError on a driver error; nothing is enqueued after the failing item."""
+        never the legacy default stream). The arrays are read during the call only. `loop`:
+        one cuMemcpyAsync per copy even where the batched call exists (few large copies).
+        Raises DMAError on a driver error; nothing is enqueued after the failing item."""
         if not self.available:
             raise DMAError("the CUDA driver library is not available")
         count = int(sizes.size)
@@ -104,7 +113,7 @@ class BatchDMA:
         dsts = np.ascontiguousarray(dsts, dtype=np.uint64)
         srcs = np.ascontiguousarray(srcs, dtype=np.uint64)
         sizes = np.ascontiguousarray(sizes, dtype=np.uint64)
-        if self.batched:
+        if self.batched and not loop:
             args: list[object] = [
                 dsts.ctypes.data,
                 srcs.ctypes.data,

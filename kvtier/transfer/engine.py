@@ -11,7 +11,12 @@ being read. Nothing may read a loaded block before the load lands: `wait_layer` 
 the caller's current stream wait for it (per layer for `layerwise=True` loads, so layer i+1 lands
 while layer i computes).
 
-On the CPU (path "cpu") jobs run synchronously inside submit; the job API is the same.
+Path "staged" (kvtier.transfer.staged) cuts large jobs into chunks that are gathered into a
+device staging buffer and DMAed by the copy engines, pipelined; "auto" takes it for jobs of at
+least `thresholds.staged.min_job_bytes`. On CPU tensors it runs the same chunking with tensor
+copies (that is how it is tested without a GPU).
+
+On the CPU (path "cpu" or "staged") jobs run synchronously inside submit; the job API is the same.
 A copy that fails at run time completes as `success=False` (the cache above counts a miss and
 never serves that page); it is logged once per distinct error, never raised from poll/wait.
 """
@@ -26,18 +31,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from kvtier.errors import ConfigError
 from kvtier.memory.host_pool import HostPool
 from kvtier.transfer.device_kv import DeviceKV
 from kvtier.transfer.gpu_paths import GPUPaths
+from kvtier.transfer.staged import StagedPath, group_layout
 from kvtier.transfer.thresholds import Thresholds
 from kvtier.transfer.torch_path import host_planes, load_cpu, store_cpu
 
 log = logging.getLogger(__name__)
 
-ENGINE_PATHS = ("auto", "cpu", "torch", "triton", "dma")
+ENGINE_PATHS = ("auto", "cpu", "torch", "triton", "dma", "staged")
+_CPU_PATHS = ("auto", "cpu", "staged")
 
 
 class TransferResult(NamedTuple):
@@ -65,8 +73,9 @@ class _Job:
 class CopyEngine:
     """Moves pages between `device_kv` and `host_pool` slots. Thread-safe (one internal lock).
 
-    `path`: "auto" (CPU tensors: "cpu"; GPU: Triton or batched DMA per job by the measured
-    thresholds, torch when neither is available), or one of "cpu", "torch", "triton", "dma".
+    `path`: "auto" (CPU tensors: "cpu"; GPU: "staged" for large jobs, else Triton or batched DMA
+    per job by the measured thresholds, torch when neither is available), or one of "cpu",
+    "torch", "triton", "dma", "staged" (the last also on CPU tensors).
     `load_path` (GPU only; default: `path`) picks loads' path on its own, e.g. Triton stores
     beside copy-engine ("torch") loads, so the two directions use different hardware.
     Raises ConfigError when the path cannot run here or the pool does not fit the geometry.
@@ -93,16 +102,24 @@ class CopyEngine:
         self.dkv = device_kv
         self.pool = host_pool
         self.on_gpu = device_kv.device.type == "cuda"
-        if not self.on_gpu and path not in ("auto", "cpu"):
-            raise ConfigError("transfer.path", path, "'auto' or 'cpu' for CPU tensors")
+        if not self.on_gpu and path not in _CPU_PATHS:
+            raise ConfigError("transfer.path", path, "'auto', 'cpu' or 'staged' for CPU tensors")
         if self.on_gpu and path == "cpu":
             raise ConfigError("transfer.path", path, "a GPU path for CUDA tensors")
         if self.on_gpu and not host_pool.pinned:
             raise ConfigError("host.pin", False, "a pinned host pool for GPU transfers")
-        if not self.on_gpu and load_path not in (None, "auto", "cpu"):
-            raise ConfigError("transfer.load_path", load_path, "'auto' or 'cpu' for CPU tensors")
-        self.path = "cpu" if not self.on_gpu else path
-        self.load_path = "cpu" if not self.on_gpu else (load_path or path)
+        if not self.on_gpu and load_path not in (None, *_CPU_PATHS):
+            raise ConfigError(
+                "transfer.load_path", load_path, "'auto', 'cpu' or 'staged' for CPU tensors"
+            )
+        cpu_path = "staged" if path == "staged" else "cpu"
+        self.path = cpu_path if not self.on_gpu else path
+        if self.on_gpu:
+            self.load_path = load_path or path
+        else:
+            self.load_path = "staged" if (load_path or path) == "staged" else "cpu"
+        th = thresholds or Thresholds.read()
+        self.thresholds = th
         self._host = host_planes(host_pool, device_kv)
         self._lock = threading.Lock()
         self._next_id = 1
@@ -111,13 +128,58 @@ class CopyEngine:
         self._logged: set[str] = set()
         self._gpu: GPUPaths | None = None
         if self.on_gpu:
-            self._gpu = GPUPaths(device_kv, host_pool, thresholds or Thresholds.read())
+            self._gpu = GPUPaths(device_kv, host_pool, th)
             for field_, p in (("transfer.path", path), ("transfer.load_path", self.load_path)):
-                if p == "cpu" or (p not in ("auto", "torch") and not self._gpu.available(p)):
+                ok = p in ("auto", "torch", "staged") or self._gpu.available(p)
+                if p == "cpu" or not ok:
                     raise ConfigError(field_, p, "an available GPU path (triton/dma/torch)")
             dev = device_kv.device
             self._store_stream = torch.cuda.Stream(dev)
             self._load_stream = torch.cuda.Stream(dev)
+        self._staged = self._make_staged()
+
+    def _make_staged(self) -> StagedPath:
+        """The staged path: Triton gather/scatter and driver copies where they exist, torch
+        indexing and tensor copies otherwise (CPU tensors)."""
+        st = self.thresholds.staged
+        gpu = self._gpu
+        if gpu is None:
+            return StagedPath(self.dkv, self.pool, st.chunk_bytes, st.buffers)
+        kernel = None
+        if gpu.triton is not None:
+
+            def kernel(
+                to_staging: bool,
+                blocks: torch.Tensor,
+                off: torch.Tensor,
+                planes: Sequence[int],
+                base: torch.Tensor,
+            ) -> None:
+                gpu.copy_kernel(to_staging, blocks, off, planes, base)
+
+        copier = None
+        dma = gpu.dma
+        if dma is not None:
+            loop = not (st.batch and dma.batched)
+
+            def copier(d: np.ndarray, s: np.ndarray, n: np.ndarray, stream: int) -> None:
+                assert dma is not None
+                dma.copy(d, s, n, stream, loop=loop)
+
+        return StagedPath(
+            self.dkv, self.pool, st.chunk_bytes, st.buffers, kernel, copier, gpu.elem_size
+        )
+
+    def _auto_staged(self, n_pages: int, groups: list[list[int]]) -> bool:
+        """Whether "auto" takes the staged path: a large job whose per-page host runs are long
+        (a layer-wise load of many layers has short runs and stays on the Triton kernel)."""
+        st = self.thresholds.staged
+        plane_bytes = self.dkv.blocks_per_page * self.dkv.block_bytes
+        total = n_pages * sum(len(gr) for gr in groups) * plane_bytes
+        if total < st.min_job_bytes or not any(groups):
+            return False
+        runs = [k for gr in groups if gr for _, k in group_layout(gr, plane_bytes).runs]
+        return min(runs) * plane_bytes >= st.min_run_bytes
 
     # -- inputs ------------------------------------------------------------------------------
     def _normalize(
@@ -164,7 +226,7 @@ class CopyEngine:
         With `layerwise`, layer l completes as its own step (see wait_layer)."""
         blk, sl = self._normalize(blocks, slots, write=False)
         g = self.dkv.geometry
-        if layerwise and self.on_gpu:
+        if layerwise and (self.on_gpu or self.load_path == "staged"):
             groups = [self.dkv.write_planes(range(lay, lay + 1)) for lay in range(g.num_layers)]
         else:
             groups = [self.dkv.write_planes()]
@@ -188,9 +250,13 @@ class CopyEngine:
         chunk_bytes = self.dkv.blocks_per_page * self.dkv.block_bytes
         nbytes = int(sl.numel()) * sum(len(gr) for gr in groups) * chunk_bytes
         if self._gpu is None:
-            job = _Job(job_id, op, nbytes, "cpu", t0=time.perf_counter())
+            cpu_path = self.path if op == "store" else self.load_path
+            job = _Job(job_id, op, nbytes, cpu_path, t0=time.perf_counter())
             try:
-                if op == "store":
+                if cpu_path == "staged":
+                    for planes in groups:
+                        self._staged.run(op, blk, sl, planes)
+                elif op == "store":
                     store_cpu(self.dkv, self._host, blk, sl)
                 else:
                     load_cpu(self.dkv, self._host, sl, blk, groups[0])
@@ -204,7 +270,8 @@ class CopyEngine:
             return job_id
         path = self.path if op == "store" else self.load_path
         if path == "auto":
-            path = self._gpu.choose(op, int(sl.numel()))
+            staged = self._auto_staged(int(sl.numel()), groups)
+            path = "staged" if staged else self._gpu.choose(op, int(sl.numel()))
         job = _Job(job_id, op, nbytes, path, t0=time.perf_counter())
         stream = self._store_stream if op == "store" else self._load_stream
         dev = self.dkv.device
@@ -216,8 +283,15 @@ class CopyEngine:
                 job.start = torch.cuda.Event(enable_timing=True)
                 job.start.record(stream)
                 try:
+                    blk_dev = None
+                    if path == "staged":  # block ids go to the device once per job
+                        blk_dev = blk.to(dev, non_blocking=True)
+                        job.keep.append(blk_dev)
                     for planes in groups:
-                        job.keep += self._gpu.run(op, path, blk, sl, planes, self._host)
+                        if blk_dev is not None:
+                            job.keep += self._staged.run(op, blk, sl, planes, blk_dev)
+                        else:
+                            job.keep += self._gpu.run(op, path, blk, sl, planes, self._host)
                         if len(groups) > 1:
                             ev = torch.cuda.Event()
                             ev.record(stream)

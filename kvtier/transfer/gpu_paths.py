@@ -140,37 +140,59 @@ class GPUPaths:
     ) -> list[object]:
         if not planes or slots.numel() == 0:
             return []
+        es = self.elem_size
+        slot_off = (slots * self.pool.slot_bytes + self.pool.payload_offset) // es
+        index = torch.cat([blocks.reshape(-1), slot_off]).to(self.device, non_blocking=True)
+        blocks_dev, slot_dev = index[: blocks.numel()], index[blocks.numel() :]
+        cap = self.thresholds.triton_ctas_per_sm
+        self.copy_kernel(op == "store", blocks_dev, slot_dev, planes, self._host_base, cap)
+        return [index]
+
+    def copy_kernel(
+        self,
+        to_base: bool,
+        blocks_dev: torch.Tensor,
+        page_off_dev: torch.Tensor,
+        planes: Sequence[int],
+        base: torch.Tensor,
+        ctas_per_sm: int = 0,
+    ) -> None:
+        """Enqueue the Triton copy of pages (device block ids `blocks_dev` [pages * n]) for
+        `planes` between the engine's planes and `base` (pinned host pool or a device staging
+        buffer), page i at element offset page_off_dev[i] of `base` in `elem_size` units, plane
+        p of it at + p * plane_elems. `to_base`: planes -> base (else base -> planes).
+        `ctas_per_sm` bounds the grid (0: one program per tile)."""
         dkv, es = self.dkv, self.elem_size
         n = dkv.blocks_per_page
         item = dkv.block_bytes // es
         block = min(self.thresholds.triton_block_bytes // es, 1 << (item - 1).bit_length())
         chunks = -(-item // block)
-        slot_off = (slots * self.pool.slot_bytes + self.pool.payload_offset) // es
-        index = torch.cat([blocks.reshape(-1), slot_off]).to(self.device, non_blocking=True)
-        blocks_dev, slot_dev = index[: blocks.numel()], index[blocks.numel() :]
-        plane_ids = self._plane_tensor(planes)
-        n_tiles = int(slots.numel()) * len(planes) * n * chunks
-        cap = self.thresholds.triton_ctas_per_sm * self.num_sms
+        n_tiles = int(page_off_dev.numel()) * len(planes) * n * chunks
+        if n_tiles == 0:
+            return
+        cap = ctas_per_sm * self.num_sms
         grid = (min(n_tiles, cap) if cap > 0 else n_tiles,)
+        host_base = (
+            base if base.dtype == self._host_base.dtype else base.view(self._host_base.dtype)
+        )
         assert self.triton is not None
         self.triton.copy_items_kernel[grid](
             self._dev_base,
-            self._host_base,
+            host_base,
             self._plane_off,
             self._plane_stride,
-            plane_ids,
+            self._plane_tensor(planes),
             blocks_dev,
-            slot_dev,
+            page_off_dev,
             len(planes),
             n_tiles,
             N_SUB=n,
             ITEM=item,
             BLOCK=block,
             ALIGN=self.align_elems,
-            TO_HOST=op == "store",
+            TO_HOST=to_base,
             num_warps=self.thresholds.triton_num_warps,
         )
-        return [index]
 
     def item_addresses(
         self, blocks: torch.Tensor, slots: torch.Tensor, planes: Sequence[int]

@@ -7,6 +7,10 @@ count), use batched DMA when an item (one contiguous run) is at least B bytes (N
 else the Triton kernel". `triton` holds the kernel's tile (bytes per program), warps, and
 `ctas_per_sm`: the copy grid is at most that many programs per SM (0: one program per tile).
 A bounded grid lets a store and a load kernel be resident at once (see triton_kernels).
+`staged` configures the staged DMA path (kvtier.transfer.staged): "auto" takes it for jobs of at
+least `min_job_bytes` whose contiguous host run per page is at least `min_run_bytes`, with
+`buffers` staging buffers of `chunk_bytes` per direction; `batch` issues each chunk's copies as
+one cuMemcpyBatchAsync call instead of one cuMemcpyAsync per run.
 """
 
 from __future__ import annotations
@@ -30,6 +34,30 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Staged:
+    min_job_bytes: int = 64 << 20
+    min_run_bytes: int = 256 << 10
+    chunk_bytes: int = 16 << 20
+    buffers: int = 3
+    batch: bool = False
+
+    @classmethod
+    def from_dict(cls, raw: object) -> Staged:
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise ConfigError("thresholds.staged", raw, "an object")
+        out = cls(**{k: raw[k] for k in raw if k in cls.__dataclass_fields__})
+        for name in ("min_job_bytes", "min_run_bytes", "chunk_bytes", "buffers"):
+            v = getattr(out, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "buffers" else 0):
+                raise ConfigError(f"thresholds.staged.{name}", v, "a non-negative integer")
+        if not isinstance(out.batch, bool):
+            raise ConfigError("thresholds.staged.batch", out.batch, "true or false")
+        return out
+
+
+@dataclass(frozen=True)
 class Thresholds:
     store: tuple[Rule, ...]
     load: tuple[Rule, ...]
@@ -37,6 +65,7 @@ class Thresholds:
     triton_num_warps: int = 4
     measured: bool = False
     triton_ctas_per_sm: int = DEFAULT_CTAS_PER_SM
+    staged: Staged = Staged()
 
     def use_dma(self, op: str, item_bytes: int, items: int) -> bool:
         """True when batched DMA should move `items` runs of `item_bytes` for `op`."""
@@ -70,6 +99,7 @@ class Thresholds:
             int(triton.get("num_warps", 4)),
             bool(data.get("measured", False)),
             ctas,
+            Staged.from_dict(data.get("staged")),
         )
 
     @classmethod

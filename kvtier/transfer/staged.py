@@ -1,0 +1,311 @@
+"""The staged, pipelined DMA path of the copy engine (large jobs).
+
+A job is cut into chunks of whole pages that fit one staging buffer on the job's device. For a
+store, chunk i is gathered on the device (device -> device, a few TB/s) into staging buffer
+i % B in canonical page-first order while the DMA stream copies chunk i - 1 from its buffer into
+the pinned host slots (one copy per contiguous run); a load is the mirror (DMA host -> staging,
+then a scatter kernel). The PCIe bytes move on the copy engines, not on SMs, and stores and loads
+use separate DMA streams so both directions of the link run at once.
+
+Ordering (GPU): the gather/scatter runs on the engine's store/load stream (`main`), the copies on
+the direction's own DMA stream. Per buffer b, `filled[b]` says its bytes are ready for the next
+stage and `free[b]` that the last stage has read it; each stage waits on the other's event before
+touching b, so B buffers are B chunks in flight. A store's group ends with `main` waiting for its
+last copy, so whatever `main` records afterwards (the job's done event) covers every host byte.
+Staging buffers are allocated once per direction (lazily, on the first staged job of it), never
+per job.
+
+The same code runs on CPU tensors with no streams: the copies are tensor copies and the gather /
+scatter torch indexing, which is how the chunk planning is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from kvtier.memory.host_pool import HostPool
+from kvtier.transfer.device_kv import DeviceKV
+from kvtier.transfer.torch_path import move_dtype
+
+# kernel(to_staging, blocks_dev [pages * n] int64, page_off_dev [pages] int64 offsets of each
+# page image in `base` (uint8 staging buffer) in units of the kernel's element size, planes,
+# base) enqueues the gather (True) or scatter (False) on the current stream.
+Kernel = Callable[[bool, torch.Tensor, torch.Tensor, Sequence[int], torch.Tensor], None]
+# copy(dsts, srcs, sizes, stream handle) enqueues byte copies between absolute addresses.
+Copier = Callable[[np.ndarray, np.ndarray, np.ndarray, int], None]
+
+
+class Layout(NamedTuple):
+    """Staging layout of one plane group: planes p0 .. p0 + span - 1 of each page back to back
+    (`stride` bytes per page image); `runs` are the (first plane, plane count) runs of the group
+    that are copied (consecutive planes merged)."""
+
+    p0: int
+    span: int
+    stride: int
+    runs: tuple[tuple[int, int], ...]
+
+
+def plane_runs(planes: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """Consecutive planes merged: [0, 1, 4, 5, 6] -> ((0, 2), (4, 3))."""
+    runs: list[tuple[int, int]] = []
+    for p in planes:
+        if runs and runs[-1][0] + runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((p, 1))
+    return tuple(runs)
+
+
+def group_layout(planes: Sequence[int], plane_bytes: int) -> Layout:
+    runs = plane_runs(sorted(planes))
+    p0 = runs[0][0]
+    span = runs[-1][0] + runs[-1][1] - p0
+    return Layout(p0, span, span * plane_bytes, runs)
+
+
+def chunk_bounds(n_pages: int, pages_per_chunk: int) -> list[tuple[int, int]]:
+    """[lo, hi) page ranges of at most pages_per_chunk pages covering 0 .. n_pages."""
+    step = max(1, pages_per_chunk)
+    return [(lo, min(lo + step, n_pages)) for lo in range(0, n_pages, step)]
+
+
+def copy_runs(
+    slots: np.ndarray,
+    layout: Layout,
+    plane_bytes: int,
+    slot_bytes: int,
+    payload_offset: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(host offsets, staging offsets, sizes) in bytes, relative to the pool tensor and to the
+    staging buffer, of the copies of one chunk whose pages live in `slots` (page i of the chunk
+    at staging offset i * layout.stride). Copies adjacent on both sides are merged."""
+    s = slots.astype(np.int64).reshape(-1, 1)
+    starts = np.array([q for q, _ in layout.runs], dtype=np.int64).reshape(1, -1)
+    sizes = np.array([k for _, k in layout.runs], dtype=np.int64).reshape(1, -1) * plane_bytes
+    host = s * slot_bytes + payload_offset + starts * plane_bytes
+    page = np.arange(s.shape[0], dtype=np.int64).reshape(-1, 1)
+    stage = page * layout.stride + (starts - layout.p0) * plane_bytes
+    host, stage = host.reshape(-1), stage.reshape(-1)
+    size = np.broadcast_to(sizes, (s.shape[0], sizes.shape[1])).reshape(-1)
+    if host.size == 0:
+        return host, stage, size.copy()
+    cont = np.zeros(host.size, dtype=bool)
+    cont[1:] = (host[1:] == host[:-1] + size[:-1]) & (stage[1:] == stage[:-1] + size[:-1])
+    first = np.flatnonzero(~cont)
+    group = np.cumsum(~cont) - 1
+    merged = np.bincount(group, weights=size, minlength=first.size).astype(np.int64)
+    return host[first], stage[first], merged
+
+
+@dataclass
+class _Direction:
+    """Staging buffers, DMA stream and per-buffer events of one direction."""
+
+    buffers: torch.Tensor  # [B, buffer_bytes] uint8
+    stream: torch.cuda.Stream | None
+    filled: list[torch.cuda.Event]
+    free: list[torch.cuda.Event]
+    lock: threading.Lock
+    next_buf: int = 0
+
+
+class StagedPath:
+    """Chunked gather + DMA (store) / DMA + scatter (load) for one (DeviceKV, HostPool) pair.
+
+    `chunk_bytes`: staging buffer size (raised to one page image when smaller), `buffers`:
+    buffers per direction (>= 2 for overlap). `kernel` does gather/scatter (None: torch
+    indexing); `copier` the host copies (None: tensor copies on the current stream). Not safe to
+    call from several threads for one direction at once except through `run` (it locks)."""
+
+    def __init__(
+        self,
+        dkv: DeviceKV,
+        pool: HostPool,
+        chunk_bytes: int,
+        buffers: int,
+        kernel: Kernel | None = None,
+        copier: Copier | None = None,
+        kernel_elem: int | None = None,
+    ) -> None:
+        self.dkv = dkv
+        self.pool = pool
+        self.chunk_bytes = max(int(chunk_bytes), dkv.geometry.page_bytes)
+        self.num_buffers = max(1, int(buffers))
+        self.kernel = kernel
+        self.copier = copier
+        self.on_gpu = dkv.device.type == "cuda"
+        self.elem = move_dtype(dkv.geometry.itemsize)
+        self.plane_bytes = dkv.blocks_per_page * dkv.block_bytes
+        # offsets handed to the kernel are in its element size (bytes)
+        self.unit = kernel_elem or dkv.geometry.itemsize
+        self._dirs: dict[str, _Direction] = {}
+        self._page_off: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._host_u8 = pool.tensor.view(-1)
+
+    def _direction(self, op: str) -> _Direction:
+        d = self._dirs.get(op)
+        if d is None:
+            size = -(-self.chunk_bytes // 256) * 256  # every buffer starts 256-byte aligned
+            bufs = torch.empty((self.num_buffers, size), dtype=torch.uint8, device=self.dkv.device)
+            stream = torch.cuda.Stream(self.dkv.device) if self.on_gpu else None
+            ev = [torch.cuda.Event() for _ in range(self.num_buffers)] if self.on_gpu else []
+            ev2 = [torch.cuda.Event() for _ in range(self.num_buffers)] if self.on_gpu else []
+            d = _Direction(bufs, stream, ev, ev2, threading.Lock())
+            self._dirs[op] = d
+        return d
+
+    def staging_bytes(self) -> int:
+        """Bytes of staging memory allocated so far (both directions)."""
+        return sum(d.buffers.numel() * d.buffers.element_size() for d in self._dirs.values())
+
+    def pages_per_chunk(self, planes: Sequence[int]) -> int:
+        return self.chunk_bytes // group_layout(planes, self.plane_bytes).stride
+
+    def _offsets(self, pages: int, stride: int, p0: int) -> torch.Tensor:  # cached per shape
+        """Element offset of each page image in a buffer, shifted so that plane p sits at
+        offset + p * plane_elems (the copy kernel's addressing) for p >= p0."""
+        u = self.unit
+        key = (pages, stride, p0)
+        t = self._page_off.get(key)
+        if t is None:
+            base = torch.arange(pages, dtype=torch.int64) * (stride // u)
+            t = (base - p0 * (self.plane_bytes // u)).to(self.dkv.device)
+            self._page_off[key] = t
+        return t
+
+    # -- one stage ---------------------------------------------------------------------------
+    def _device_copy(
+        self,
+        to_staging: bool,
+        blocks: torch.Tensor,
+        buf: torch.Tensor,
+        planes: Sequence[int],
+        lay: Layout,
+    ) -> None:
+        pages = blocks.numel() // self.dkv.blocks_per_page
+        if self.kernel is not None:
+            self.kernel(to_staging, blocks, self._offsets(pages, lay.stride, lay.p0), planes, buf)
+            return
+        n, be = self.dkv.blocks_per_page, self.dkv.block_elems
+        view = buf[: pages * lay.stride].view(self.elem).view(pages, lay.span, n, be)
+        for p in planes:
+            plane = self.dkv.planes[p].view(self.elem)
+            rows = view[:, p - lay.p0]  # [pages, n, be], a strided view into the buffer
+            if to_staging:
+                rows.copy_(plane.index_select(0, blocks).view(pages, n, be))
+            else:
+                plane.index_copy_(0, blocks, rows.reshape(pages * n, be))
+
+    def _host_copy(self, to_host: bool, slots: np.ndarray, buf: torch.Tensor, lay: Layout) -> None:
+        host, stage, size = copy_runs(
+            slots, lay, self.plane_bytes, self.pool.slot_bytes, self.pool.payload_offset
+        )
+        if self.copier is not None:
+            h = host + self._host_u8.data_ptr()
+            s = stage + buf.data_ptr()
+            dst, src = (h, s) if to_host else (s, h)
+            stream = torch.cuda.current_stream(self.dkv.device).cuda_stream
+            self.copier(
+                dst.astype(np.uint64), src.astype(np.uint64), size.astype(np.uint64), stream
+            )
+            return
+        for h_off, s_off, n in zip(host.tolist(), stage.tolist(), size.tolist()):
+            hv, sv = self._host_u8[h_off : h_off + n], buf[s_off : s_off + n]
+            if to_host:
+                hv.copy_(sv, non_blocking=True)
+            else:
+                sv.copy_(hv, non_blocking=True)
+
+    # -- a job group -------------------------------------------------------------------------
+    def run(
+        self,
+        op: str,
+        blocks: torch.Tensor,
+        slots: torch.Tensor,
+        planes: Sequence[int],
+        blocks_dev: torch.Tensor | None = None,
+    ) -> list[object]:
+        """Enqueue `op` ("store"/"load") of pages (blocks [N, n] int64 CPU, slots [N] CPU) for
+        `planes`, with gather/scatter on the current stream. `blocks_dev`: the same blocks
+        already on the device (uploaded once per job). Returns objects to keep alive until the
+        current stream has passed this point. Raises whatever a copy raises."""
+        if not planes or slots.numel() == 0:
+            return []
+        d = self._direction(op)
+        lay = group_layout(planes, self.plane_bytes)
+        n = self.dkv.blocks_per_page
+        flat = blocks.reshape(-1) if blocks_dev is None else blocks_dev.reshape(-1)
+        flat = flat.to(self.dkv.device, non_blocking=True)
+        slots_np = slots.numpy().astype(np.int64)
+        main = torch.cuda.current_stream(self.dkv.device) if self.on_gpu else None
+        with d.lock:
+            if d.stream is not None and main is not None:
+                start = torch.cuda.Event()
+                start.record(main)
+                d.stream.wait_event(start)  # no copy of this job runs before main's earlier work
+            for lo, hi in chunk_bounds(int(slots.numel()), self.chunk_bytes // lay.stride):
+                b = d.next_buf
+                d.next_buf = (b + 1) % self.num_buffers
+                buf, blk = d.buffers[b], flat[lo * n : hi * n]
+                if op == "store":
+                    self._stage_store(d, b, main, blk, buf, slots_np[lo:hi], planes, lay)
+                else:
+                    self._stage_load(d, b, main, blk, buf, slots_np[lo:hi], planes, lay)
+            if d.stream is not None and main is not None and op == "store":
+                end = torch.cuda.Event()
+                end.record(d.stream)
+                main.wait_event(end)
+        return [flat]
+
+    def _stage_store(
+        self,
+        d: _Direction,
+        b: int,
+        main: torch.cuda.Stream | None,
+        blk: torch.Tensor,
+        buf: torch.Tensor,
+        slots: np.ndarray,
+        planes: Sequence[int],
+        lay: Layout,
+    ) -> None:
+        if d.stream is None or main is None:
+            self._device_copy(True, blk, buf, planes, lay)
+            self._host_copy(True, slots, buf, lay)
+            return
+        main.wait_event(d.free[b])  # the previous DMA out of buffer b has finished
+        self._device_copy(True, blk, buf, planes, lay)
+        d.filled[b].record(main)
+        d.stream.wait_event(d.filled[b])
+        with torch.cuda.stream(d.stream):
+            self._host_copy(True, slots, buf, lay)
+        d.free[b].record(d.stream)
+
+    def _stage_load(
+        self,
+        d: _Direction,
+        b: int,
+        main: torch.cuda.Stream | None,
+        blk: torch.Tensor,
+        buf: torch.Tensor,
+        slots: np.ndarray,
+        planes: Sequence[int],
+        lay: Layout,
+    ) -> None:
+        if d.stream is None or main is None:
+            self._host_copy(False, slots, buf, lay)
+            self._device_copy(False, blk, buf, planes, lay)
+            return
+        d.stream.wait_event(d.free[b])  # the previous scatter out of buffer b has finished
+        with torch.cuda.stream(d.stream):
+            self._host_copy(False, slots, buf, lay)
+        d.filled[b].record(d.stream)
+        main.wait_event(d.filled[b])
+        self._device_copy(False, blk, buf, planes, lay)
+        d.free[b].record(main)
