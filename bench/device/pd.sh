@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # kvtier bench pd on a 2-GPU machine: request KV over NIXL (UCX cuda_ipc) GPU0 -> GPU1 against
-# the same run's peer copy, plus the NIXL transfer tests (GPU ones included).
+# the same run's peer copy (one 1 GiB copy, and the same descriptors as one copy each), plus
+# the NIXL transfer tests (GPU ones included).
 # Run from the repository root, with the nixl-cu13 wheel in .whl/ (carry ".whl"):
 #   bash bench/device/pd.sh
 # KVTIER_COMMIT=<sha> names the commit in the results where the tree has no .git.
-# Results land in $OUT: pd-cuda-w<workers>-<date>.json/.md, -rows.jsonl, tests.log,
-# bench-w<workers>.log, topo.txt.
+# Results land in $OUT: pd-cuda-<variant>-<date>.json/.md, -rows.jsonl, tests.log,
+# bench-<variant>.log (UCX protocol selection included), topo.txt.
 set -euo pipefail
 OUT=${OUT:-/tmp/kvtier-pd}
 mkdir -p "$OUT"
@@ -27,28 +28,34 @@ PY
 nvidia-smi topo -m >"$OUT/topo.txt" 2>&1 || true
 
 # tests first: a wrong byte fails the run before any number is reported
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/transfer/test_registration.py \
+timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/transfer/test_registration.py \
     tests/transfer/test_handshake.py tests/transfer/test_nixl_transport.py 2>&1 \
-    | grep -v "NIXL INFO" | tee "$OUT/tests.log"
+    | grep -v "NIXL INFO" | tee "$OUT/tests.log" || true
 # a test failure fails the script at the end; the bench still runs (it verifies its own bytes)
 status=0
 if ! grep -q " passed" "$OUT/tests.log" || grep -q -E "[0-9]+ (failed|error)" "$OUT/tests.log"
 then echo "pd.sh: tests failed" >&2; status=1; fi
 if grep -q "needs 2 CUDA GPUs" "$OUT/tests.log"; then echo "pd.sh: GPU tests skipped" >&2; status=1; fi
 
-# the bench module directly: the CLI would import every benchmark and its dependencies.
-# Two runs: one UCX worker per agent, then 4 (parts in flight spread over workers). Each row
-# lands in pd-cuda-w<N>-rows.jsonl as soon as it is measured, so a failure keeps earlier rows.
-for workers in 1 4; do
-    timeout -k 5 80 python3 -m kvtier.cli.bench_pd --device cuda --tokens 8192 --repeat 8 \
-        --parts 1,4 --workers "$workers" --save "$OUT" 2>&1 | grep -v "NIXL INFO" \
-        | tee "$OUT/bench-w$workers.log" || { echo "pd.sh: bench with $workers workers failed" >&2
-                                              status=1; }
-done
+# The bench module directly (the CLI would import every benchmark). Variants, each in its own
+# process (UCX/NIXL read these once): "base" = kvtier's UCX defaults, with UCX_PROTO_INFO so the
+# log names the protocol and transport used; "sgl" = NIXL_UCX_SGL_ENABLE=1 (one
+# cuMemcpyBatchAsync per transfer). Each row lands in pd-cuda-<variant>-rows.jsonl as measured.
+run_bench() {  # name, env assignments...
+    local name=$1; shift
+    env "$@" timeout -k 5 55 python3 -m kvtier.cli.bench_pd --device cuda --tokens 8192 \
+        --repeat 8 --parts 1 --workers 1 --save "$OUT/$name" >"$OUT/bench-$name.log" 2>&1 \
+        || { echo "pd.sh: bench $name failed (see bench-$name.log)" >&2; status=1; }
+    grep "^pd" "$OUT/bench-$name.log" || true
+}
+run_bench base UCX_PROTO_INFO=y
+run_bench sgl NIXL_UCX_SGL_ENABLE=1
+grep -E "cuda_ipc|put|PUT" "$OUT/bench-base.log" | grep -v "^pd" | head -20 || true
 # the summary table last (rows of a run that did not finish, if any)
-for workers in 1 4; do
-    if compgen -G "$OUT/pd-cuda-w$workers-2*.md" >/dev/null; then cat "$OUT"/pd-cuda-w$workers-2*.md
-    else echo "## workers=$workers: partial rows"; cat "$OUT/pd-cuda-w$workers-rows.jsonl" 2>/dev/null
+for name in base sgl; do
+    echo "## variant $name"
+    if compgen -G "$OUT/$name/pd-cuda-w1-2*.md" >/dev/null; then cat "$OUT"/$name/pd-cuda-w1-2*.md
+    else echo "partial rows:"; cat "$OUT/$name/pd-cuda-w1-rows.jsonl" 2>/dev/null || true
     fi
 done
 exit $status

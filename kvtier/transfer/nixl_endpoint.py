@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import itertools
+import os
 import select
 import socket
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,28 @@ from kvtier.transfer.handshake import HandshakeError, PeerInfo, check_fingerprin
 from kvtier.transfer.registration import RegistrationPlan, TensorMemory, same_layout
 
 _names = itertools.count()
+
+# UCX settings kvtier applies unless the user's environment sets them (UCX reads its config
+# when NIXL creates the UCX backend, so they must be in os.environ before the agent exists).
+# - CUDA_IPC_CACHE_MAX_REGIONS / _SIZE=inf: keep every peer region's IPC mapping open. A KV
+#   cache registers a few hundred regions at most; an LRU-evicted mapping would be reopened
+#   (cuIpcOpenMemHandle, ~100 us and more) inside a later transfer's critical path.
+# NIXL itself already sets RNDV_THRESH=inf and MAX_RMA_RAILS=2 the same overridable way.
+# Not set by default (measured by `kvtier bench pd` as variants first): NIXL_UCX_SGL_ENABLE=1
+# (one cuMemcpyBatchAsync per transfer instead of one cuMemcpyDtoDAsync per descriptor).
+UCX_DEFAULTS: dict[str, str] = {
+    "UCX_CUDA_IPC_CACHE_MAX_REGIONS": "inf",
+    "UCX_CUDA_IPC_CACHE_MAX_SIZE": "inf",
+}
+
+
+def apply_ucx_defaults(env: dict[str, str] | os._Environ[str] | None = None) -> dict[str, str]:
+    """Put UCX_DEFAULTS into `env` (os.environ) where unset; return the values in effect."""
+    target = os.environ if env is None else env
+    for key, value in UCX_DEFAULTS.items():
+        target.setdefault(key, value)
+    return {k: target[k] for k in sorted(target)
+            if k.startswith(("UCX_", "NIXL_UCX_"))}
 
 
 def load_nixl() -> Any:
@@ -76,6 +99,7 @@ class NixlEndpoint:
         self.mem_type = mem_type_of(self.plan)
         self.timeout = timeout
         self.name = name or f"kvtier-{role}-{id(self):x}-{next(_names)}"
+        self.ucx_env = apply_ucx_defaults()
         api = load_nixl()
         params = {b: dict(p) for b, p in (backend_params or {}).items()}
         unknown = sorted(set(params) - set(backends))

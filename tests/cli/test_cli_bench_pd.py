@@ -32,7 +32,8 @@ def test_measure_cpu_tiny(tmp_path) -> None:  # type: ignore[no-untyped-def]
     by = {(r["case"], r["mode"]): r for r in doc["results"]}
     assert all(r["bytes"] == 2 * 16 * 2 * 2 * 32 * 4 * 16 for r in doc["results"])
     assert by["contiguous", "request"]["descriptors"] == 2
-    assert by["scattered", "request"]["descriptors"] == 2 * 16
+    # pairs adjacent on both sides merge even when the request lists them apart
+    assert 2 * 8 < by["scattered", "request"]["descriptors"] <= 2 * 16
     assert 2 < by["runs", "request"]["descriptors"] < 2 * 16
     assert all(r["gbps"] > 0 and r["ceiling_gbps"] > 0 for r in doc["results"])
     doc["machine"] = {"date": "today"}

@@ -108,3 +108,13 @@ def test_fingerprint_and_notifications() -> None:
     assert parse_notification(b"hello") is None
     assert parse_notification(msg.replace(b'"v":1', b'"v":2')) is None
     assert parse_notification(struct.pack("!I", 5)) is None
+
+
+def test_ucx_defaults_leave_user_settings_alone() -> None:
+    from kvtier.transfer.nixl_endpoint import UCX_DEFAULTS, apply_ucx_defaults
+
+    env = {"UCX_CUDA_IPC_CACHE_MAX_SIZE": "1g", "PATH": "/bin"}
+    seen = apply_ucx_defaults(env)
+    assert env["UCX_CUDA_IPC_CACHE_MAX_SIZE"] == "1g"
+    assert env["UCX_CUDA_IPC_CACHE_MAX_REGIONS"] == UCX_DEFAULTS["UCX_CUDA_IPC_CACHE_MAX_REGIONS"]
+    assert "PATH" not in seen and seen["UCX_CUDA_IPC_CACHE_MAX_SIZE"] == "1g"

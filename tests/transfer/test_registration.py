@@ -155,3 +155,30 @@ def test_descriptors_cover_exactly_the_blocks(kind: str, kv_split: bool, data) -
     local, remote = plan.transfer_descriptors(blocks, dst, dst_blocks)
     assert [d.nbytes for d in local] == [d.nbytes for d in remote]
     assert _covered(dst, remote) == _expected(spec, dst_mems, dst_blocks)
+
+
+def test_transfer_descriptors_coalesce_whole_region_runs() -> None:
+    spec = uniform_spec(["full"] * 4, 2, 32, 16, 8, "float32")
+    size = spec.tensors[0].size_bytes
+    one_buffer = {t.name: TensorMemory(4096 + i * size, size) for i, t in enumerate(spec.tensors)}
+    # kv0 handed over as the whole buffer: one region (touching extents alone stay apart)
+    one_buffer["kv0"] = TensorMemory(4096, 4 * size)
+    a = RegistrationPlan(spec, one_buffer)
+    b = RegistrationPlan(spec, {k: TensorMemory(m.base + (1 << 30), m.nbytes)
+                                for k, m in one_buffer.items()})
+    assert len(a.regions) == len(b.regions) == 1
+    every = list(range(spec.num_blocks))
+    local, remote = a.transfer_descriptors({0: every}, b, {0: every})
+    assert len(local) == len(remote) == 1  # four layers, one buffer: one copy
+    assert local[0].nbytes == remote[0].nbytes == 4 * size
+    # a partial run ends before the next layer starts: one descriptor per layer
+    local, remote = a.transfer_descriptors({0: [2, 3]}, b, {0: [2, 3]})
+    assert len(local) == 4
+    # the destination breaks the adjacency: nothing merges
+    local, remote = a.transfer_descriptors({0: every}, b, {0: every[1:] + every[:1]})
+    assert len(local) == 4 * 2
+    # separate allocations never merge, even when the blocks cover the whole tensor
+    sep = RegistrationPlan(spec, separate(spec))
+    local, remote = sep.transfer_descriptors({0: every}, sep, {0: every})
+    assert len(local) == 4
+    assert sum(d.nbytes for d in local) == sum(d.nbytes for d in remote) == 4 * size
