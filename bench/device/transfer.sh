@@ -2,7 +2,8 @@
 # kvtier copy engine on the GPU machine: GPU tests, threshold sweep, `kvtier bench transfer`.
 # Run from the repository root:  OUT=/some/dir bash bench/device/transfer.sh
 # (PAGES=N changes the pages per bench job, default 512; PYTHON picks the interpreter;
-#  SWEEP=1 re-measures the Triton/DMA thresholds first, about 30 s.)
+#  SWEEP=1 re-measures the Triton/DMA thresholds first, about 30 s; ALL=1 also benches the
+#  variants already measured in earlier runs: triton grids, mixed paths, engine dma.)
 # Each bench writes its JSON after every measured step, so a part cut short keeps its rows.
 # Everything lands under $OUT; a summary table is printed last. Each part runs even when an
 # earlier one fails; the exit code is non-zero if any part failed (a wrong byte fails loudly).
@@ -65,16 +66,20 @@ for f in sorted(out.glob("bench-*.json")):
 PYEOF
 }
 
-part gpu-tests 150 "$PY" -m pytest -m gpu tests/transfer/test_transfer_gpu.py -q -p no:cacheprovider --timeout 140 -o addopts="" -rfE
+# the staged DMA path and auto first; the known slow variants only with ALL=1
+FAST_PATHS=auto,staged,staged-batch,staged-c4m,staged-c64m,store-staged+load-triton,triton,torch
+ALL_PATHS="$FAST_PATHS,dma,triton-grid-full,triton-cta2,triton-cta8,store-triton+load-torch,store-torch+load-triton"
+if [ "${ALL:-0}" = 1 ]; then PATHS="$ALL_PATHS"; else PATHS="$FAST_PATHS"; fi
+part gpu-tests 100 "$PY" -m pytest -m gpu tests/transfer/test_transfer_gpu.py -q -p no:cacheprovider --timeout 90 -o addopts="" -rfE
 if [ "${SWEEP:-0}" = 1 ]; then
   part sweep 120 "$PY" bench/device/transfer_sweep.py "$OUT"
   # the engine's "auto" path in the benches below uses the freshly measured thresholds
   if [ -s "$OUT/thresholds.json" ]; then cp "$OUT/thresholds.json" kvtier/transfer/thresholds.json; fi
 fi
 # the goal geometry first; the bench writes bench-$geo.json after every step (--out)
-for geo in llama3-8b llama3-70b-tp4 deepseek-v3-mla llama3-70b-tp8; do
-  part "bench-$geo" 80 "$PY" -m kvtier.cli.main bench transfer --geometry "$geo" \
-    --pages "${PAGES:-512}" --reps 5 --out "$OUT/bench-$geo.json"
+for geo in llama3-8b llama3-70b-tp8 llama3-70b-tp4 deepseek-v3-mla; do
+  part "bench-$geo" 75 "$PY" -m kvtier.cli.main bench transfer --geometry "$geo" \
+    --pages "${PAGES:-512}" --reps 5 --paths "$PATHS" --out "$OUT/bench-$geo.json"
   summarize
 done
 

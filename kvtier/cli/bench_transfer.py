@@ -37,6 +37,11 @@ EXTRA: dict[str, KVGeometry] = {
 # the GPU bench's engine variants (kept here so that --help works without a GPU)
 ENGINE_VARIANTS = (
     "auto",
+    "staged",
+    "staged-batch",
+    "staged-c64m",
+    "staged-c4m",
+    "store-staged+load-triton",
     "triton",
     "triton-grid-full",
     "triton-cta2",

@@ -21,7 +21,7 @@ from kvtier.memory.host_pool import HostPool
 from kvtier.transfer.device_kv import DeviceKV
 from kvtier.transfer.dma import BatchDMA
 from kvtier.transfer.engine import CopyEngine
-from kvtier.transfer.thresholds import Thresholds
+from kvtier.transfer.thresholds import Staged, Thresholds
 from kvtier.transfer.torch_path import host_planes, move_dtype
 
 
@@ -194,29 +194,38 @@ def baselines(st: Setup, reps: int) -> dict[str, dict[str, float]]:
 
 
 # Engine variants: name -> (store path, load path, Triton programs per SM or None for the
-# committed thresholds). The grid and mixed variants exist to pick the best way to run a store
-# and a load at once; `full` is one program per tile (the first GPU run's kernel grid).
-VARIANTS: dict[str, tuple[str, str, int | None]] = {
-    "auto": ("auto", "auto", None),
-    "triton": ("triton", "triton", None),
-    "dma": ("dma", "dma", None),
-    "torch": ("torch", "torch", None),
-    "triton-grid-full": ("triton", "triton", 0),
-    "triton-cta2": ("triton", "triton", 2),
-    "triton-cta8": ("triton", "triton", 8),
-    "store-triton+load-torch": ("triton", "torch", None),
-    "store-torch+load-triton": ("torch", "triton", None),
+# committed thresholds, staged-path settings or None for the committed ones). The grid and mixed
+# variants exist to pick the best way to run a store and a load at once; `full` is one program
+# per tile (the first GPU run's kernel grid). The staged variants try its chunk size, buffer
+# count and batched driver copies.
+VARIANTS: dict[str, tuple[str, str, int | None, Staged | None]] = {
+    "auto": ("auto", "auto", None, None),
+    "staged": ("staged", "staged", None, None),
+    "staged-batch": ("staged", "staged", None, Staged(batch=True)),
+    "staged-c64m": ("staged", "staged", None, Staged(chunk_bytes=64 << 20, buffers=2)),
+    "staged-c4m": ("staged", "staged", None, Staged(chunk_bytes=4 << 20, buffers=4)),
+    "store-staged+load-triton": ("staged", "triton", None, None),
+    "triton": ("triton", "triton", None, None),
+    "dma": ("dma", "dma", None, None),
+    "torch": ("torch", "torch", None, None),
+    "triton-grid-full": ("triton", "triton", 0, None),
+    "triton-cta2": ("triton", "triton", 2, None),
+    "triton-cta8": ("triton", "triton", 8, None),
+    "store-triton+load-torch": ("triton", "torch", None, None),
+    "store-torch+load-triton": ("torch", "triton", None, None),
 }
-MAIN_VARIANTS = ("auto", "triton", "dma", "torch")
+MAIN_VARIANTS = ("auto", "staged", "triton", "dma", "torch")
 
 
 def engine_rates(st: Setup, path: str, reps: int) -> dict[str, float]:
     """GB/s of the engine variant `path` (a VARIANTS key): store, load, layer-wise load (main
     variants only) and both at once, correctness-checked."""
-    store_path, load_path, ctas = VARIANTS[path]
+    store_path, load_path, ctas, staged = VARIANTS[path]
     th = Thresholds.read()
     if ctas is not None:
         th = dataclasses.replace(th, triton_ctas_per_sm=ctas)
+    if staged is not None:
+        th = dataclasses.replace(th, staged=staged)
     eng = CopyEngine(st.dkv, st.pool, path=store_path, load_path=load_path, thresholds=th)
     n = st.nbytes
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import zlib
@@ -15,6 +16,7 @@ from kvtier.geometry.spec import KVGeometry
 from kvtier.memory.host_pool import HostPool
 from kvtier.transfer.device_kv import DeviceKV
 from kvtier.transfer.engine import CopyEngine
+from kvtier.transfer.thresholds import Staged, Thresholds
 from kvtier.transfer.torch_path import host_planes, load_cpu, move_dtype, store_cpu
 
 pytestmark = [
@@ -30,7 +32,18 @@ GEOMS = {
     "mla": (KVGeometry(3, 1, 576, 16, "bfloat16", mla=True), 16),
     "odd-item": (KVGeometry(2, 1, 12, 4, "float16"), 1),  # 24-byte items
 }
-PATHS = ["triton", "dma", "torch", "auto"]
+PATHS = ["triton", "dma", "torch", "auto", "staged", "staged-chunked", "staged-batch"]
+
+
+def _engine(dkv: DeviceKV, pool: HostPool, path: str) -> CopyEngine:
+    """`staged-chunked`: chunks of ~2.5 pages and 2 buffers (many chunks per job, buffers
+    reused within a job); `staged-batch`: the same with batched driver copies."""
+    if not path.startswith("staged-"):
+        return CopyEngine(dkv, pool, path=path)
+    chunk = int(2.5 * dkv.geometry.page_bytes)
+    staged = Staged(chunk_bytes=chunk, buffers=2, batch=path == "staged-batch")
+    th = dataclasses.replace(Thresholds.read(), staged=staged)
+    return CopyEngine(dkv, pool, path="staged", thresholds=th)
 
 
 def _rand(shape_: tuple[int, ...], g: KVGeometry, dev: str) -> torch.Tensor:
@@ -69,7 +82,7 @@ def _case(name: str, kind: str, path: str, layerwise: bool) -> None:
     ref = DeviceKV.from_vllm(cpu_layers, g, bs)
     pool = HostPool(num_slots, g.page_bytes, pin=True)
     ref_pool = HostPool(num_slots, g.page_bytes, pin=False)
-    eng = CopyEngine(dkv, pool, path=path)
+    eng = _engine(dkv, pool, path)
     blocks = torch.tensor(rng.sample(range(nb), pages * n)).view(pages, n)
     slots = rng.sample(range(num_slots), pages)
     pool.payloads().fill_(0xA5)
@@ -112,7 +125,7 @@ def test_adapters_and_layerwise(kind: str, path: str) -> None:
     _case("bf16-bs4", kind, path, layerwise=True)
 
 
-@pytest.mark.parametrize("path", ["triton", "dma"])
+@pytest.mark.parametrize("path", ["triton", "dma", "staged", "staged-chunked"])
 def test_store_and_load_at_once(path: str) -> None:
     g = KVGeometry(8, 2, 128, 16, "bfloat16")
     nb = 256
@@ -120,7 +133,7 @@ def test_store_and_load_at_once(path: str) -> None:
     pool = HostPool(256, g.page_bytes, pin=True)
     pool.payloads().random_(0, 256)
     expect_host = pool.payloads()[128:].clone()
-    eng = CopyEngine(DeviceKV.from_vllm(layers, g, 16), pool, path=path)
+    eng = _engine(DeviceKV.from_vllm(layers, g, 16), pool, path)
     # the compute stream writes blocks 0..127 just before the store is submitted: the store
     # must see the new values (it is ordered after the compute stream)
     for t in layers:
@@ -131,6 +144,52 @@ def test_store_and_load_at_once(path: str) -> None:
     assert bool((pool.payloads()[:128].view(torch.int16) == 7).all())
     got = torch.stack([torch.stack([t[k, 128:] for k in range(2)], 1) for t in layers], 1)
     assert torch.equal(got.reshape(128, -1).view(torch.uint8).cpu(), expect_host)
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_staged_back_to_back_jobs(layerwise: bool) -> None:
+    """Several staged jobs in flight on one engine reuse the same staging buffers: each job's
+    bytes must still be its own (the per-buffer events order them); auto picks staged."""
+    g = KVGeometry(4, 2, 128, 16, "bfloat16")
+    nb, per = 200, 40
+    layers = _layers(g, 16, nb, "vllm", "cuda")
+    pool = HostPool(200, g.page_bytes, pin=True)
+    th = dataclasses.replace(
+        Thresholds.read(),
+        staged=Staged(min_job_bytes=0, min_run_bytes=0, chunk_bytes=3 * g.page_bytes, buffers=2),
+    )
+    eng = CopyEngine(DeviceKV.from_vllm(layers, g, 16), pool, path="auto", thresholds=th)
+    rng = random.Random(5)
+    perm = rng.sample(range(nb), nb)
+    slots = rng.sample(range(200), 200)
+    jobs = [
+        eng.submit_store(
+            torch.tensor(perm[i * per : (i + 1) * per]).view(-1, 1), slots[i * per : (i + 1) * per]
+        )
+        for i in range(4)
+    ]
+    assert all(eng.wait(j).success for j in jobs)
+    for i in range(4):
+        blk = torch.tensor(perm[i * per : (i + 1) * per], device="cuda")
+        exp = torch.stack([torch.stack([t[k, blk] for k in range(2)], 1) for t in layers], 1)
+        got = pool.payloads()[slots[i * per : (i + 1) * per]]
+        assert torch.equal(exp.reshape(per, -1).view(torch.uint8).cpu(), got), f"store job {i}"
+    # load every stored page back into other blocks, in four jobs, then compare
+    dst = perm[160:] + perm[:120]
+    for t in layers:
+        t[:, dst] = 0
+    jobs = [
+        eng.submit_load(
+            slots[i * per : (i + 1) * per],
+            torch.tensor(dst[i * per : (i + 1) * per]).view(-1, 1),
+            layerwise=layerwise,
+        )
+        for i in range(4)
+    ]
+    assert all(eng.wait(j).success for j in jobs)
+    blk = torch.tensor(dst[:160], device="cuda")
+    got = torch.stack([torch.stack([t[k, blk] for k in range(2)], 1) for t in layers], 1)
+    assert torch.equal(got.reshape(160, -1).view(torch.uint8).cpu(), pool.payloads()[slots[:160]])
 
 
 @pytest.mark.parametrize("geom", ["bf16-bs16", "mla", "fp32-small"])
