@@ -40,7 +40,7 @@ ENGINE_VARIANTS = (
     "staged",
     "staged-batch",
     "staged-c64m",
-    "staged-c4m",
+    "staged-c8m",
     "store-staged+load-triton",
     "triton",
     "triton-grid-full",

@@ -203,7 +203,7 @@ VARIANTS: dict[str, tuple[str, str, int | None, Staged | None]] = {
     "staged": ("staged", "staged", None, None),
     "staged-batch": ("staged", "staged", None, Staged(batch=True)),
     "staged-c64m": ("staged", "staged", None, Staged(chunk_bytes=64 << 20, buffers=2)),
-    "staged-c4m": ("staged", "staged", None, Staged(chunk_bytes=4 << 20, buffers=4)),
+    "staged-c8m": ("staged", "staged", None, Staged(chunk_bytes=8 << 20, buffers=3)),
     "store-staged+load-triton": ("staged", "triton", None, None),
     "triton": ("triton", "triton", None, None),
     "dma": ("dma", "dma", None, None),

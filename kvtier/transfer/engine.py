@@ -31,14 +31,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from kvtier.errors import ConfigError
 from kvtier.memory.host_pool import HostPool
 from kvtier.transfer.device_kv import DeviceKV
 from kvtier.transfer.gpu_paths import GPUPaths
-from kvtier.transfer.staged import StagedPath, group_layout
+from kvtier.transfer.staged import make_staged
+from kvtier.transfer.staged_plan import group_layout
 from kvtier.transfer.thresholds import Thresholds
 from kvtier.transfer.torch_path import host_planes, load_cpu, store_cpu
 
@@ -136,39 +136,7 @@ class CopyEngine:
             dev = device_kv.device
             self._store_stream = torch.cuda.Stream(dev)
             self._load_stream = torch.cuda.Stream(dev)
-        self._staged = self._make_staged()
-
-    def _make_staged(self) -> StagedPath:
-        """The staged path: Triton gather/scatter and driver copies where they exist, torch
-        indexing and tensor copies otherwise (CPU tensors)."""
-        st = self.thresholds.staged
-        gpu = self._gpu
-        if gpu is None:
-            return StagedPath(self.dkv, self.pool, st.chunk_bytes, st.buffers)
-        kernel = None
-        if gpu.triton is not None:
-
-            def kernel(
-                to_staging: bool,
-                blocks: torch.Tensor,
-                off: torch.Tensor,
-                planes: Sequence[int],
-                base: torch.Tensor,
-            ) -> None:
-                gpu.copy_kernel(to_staging, blocks, off, planes, base)
-
-        copier = None
-        dma = gpu.dma
-        if dma is not None:
-            loop = not (st.batch and dma.batched)
-
-            def copier(d: np.ndarray, s: np.ndarray, n: np.ndarray, stream: int) -> None:
-                assert dma is not None
-                dma.copy(d, s, n, stream, loop=loop)
-
-        return StagedPath(
-            self.dkv, self.pool, st.chunk_bytes, st.buffers, kernel, copier, gpu.elem_size
-        )
+        self._staged = make_staged(device_kv, host_pool, th.staged, self._gpu)
 
     def _auto_staged(self, n_pages: int, groups: list[list[int]]) -> bool:
         """Whether "auto" takes the staged path: a large job whose per-page host runs are long

@@ -24,13 +24,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from kvtier.memory.host_pool import HostPool
 from kvtier.transfer.device_kv import DeviceKV
+from kvtier.transfer.gpu_paths import GPUPaths
+from kvtier.transfer.staged_plan import Layout, chunk_bounds, copy_runs, group_layout
+from kvtier.transfer.thresholds import Staged
 from kvtier.transfer.torch_path import move_dtype
 
 # kernel(to_staging, blocks_dev [pages * n] int64, page_off_dev [pages] int64 offsets of each
@@ -39,69 +41,6 @@ from kvtier.transfer.torch_path import move_dtype
 Kernel = Callable[[bool, torch.Tensor, torch.Tensor, Sequence[int], torch.Tensor], None]
 # copy(dsts, srcs, sizes, stream handle) enqueues byte copies between absolute addresses.
 Copier = Callable[[np.ndarray, np.ndarray, np.ndarray, int], None]
-
-
-class Layout(NamedTuple):
-    """Staging layout of one plane group: planes p0 .. p0 + span - 1 of each page back to back
-    (`stride` bytes per page image); `runs` are the (first plane, plane count) runs of the group
-    that are copied (consecutive planes merged)."""
-
-    p0: int
-    span: int
-    stride: int
-    runs: tuple[tuple[int, int], ...]
-
-
-def plane_runs(planes: Sequence[int]) -> tuple[tuple[int, int], ...]:
-    """Consecutive planes merged: [0, 1, 4, 5, 6] -> ((0, 2), (4, 3))."""
-    runs: list[tuple[int, int]] = []
-    for p in planes:
-        if runs and runs[-1][0] + runs[-1][1] == p:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((p, 1))
-    return tuple(runs)
-
-
-def group_layout(planes: Sequence[int], plane_bytes: int) -> Layout:
-    runs = plane_runs(sorted(planes))
-    p0 = runs[0][0]
-    span = runs[-1][0] + runs[-1][1] - p0
-    return Layout(p0, span, span * plane_bytes, runs)
-
-
-def chunk_bounds(n_pages: int, pages_per_chunk: int) -> list[tuple[int, int]]:
-    """[lo, hi) page ranges of at most pages_per_chunk pages covering 0 .. n_pages."""
-    step = max(1, pages_per_chunk)
-    return [(lo, min(lo + step, n_pages)) for lo in range(0, n_pages, step)]
-
-
-def copy_runs(
-    slots: np.ndarray,
-    layout: Layout,
-    plane_bytes: int,
-    slot_bytes: int,
-    payload_offset: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(host offsets, staging offsets, sizes) in bytes, relative to the pool tensor and to the
-    staging buffer, of the copies of one chunk whose pages live in `slots` (page i of the chunk
-    at staging offset i * layout.stride). Copies adjacent on both sides are merged."""
-    s = slots.astype(np.int64).reshape(-1, 1)
-    starts = np.array([q for q, _ in layout.runs], dtype=np.int64).reshape(1, -1)
-    sizes = np.array([k for _, k in layout.runs], dtype=np.int64).reshape(1, -1) * plane_bytes
-    host = s * slot_bytes + payload_offset + starts * plane_bytes
-    page = np.arange(s.shape[0], dtype=np.int64).reshape(-1, 1)
-    stage = page * layout.stride + (starts - layout.p0) * plane_bytes
-    host, stage = host.reshape(-1), stage.reshape(-1)
-    size = np.broadcast_to(sizes, (s.shape[0], sizes.shape[1])).reshape(-1)
-    if host.size == 0:
-        return host, stage, size.copy()
-    cont = np.zeros(host.size, dtype=bool)
-    cont[1:] = (host[1:] == host[:-1] + size[:-1]) & (stage[1:] == stage[:-1] + size[:-1])
-    first = np.flatnonzero(~cont)
-    group = np.cumsum(~cont) - 1
-    merged = np.bincount(group, weights=size, minlength=first.size).astype(np.int64)
-    return host[first], stage[first], merged
 
 
 @dataclass
@@ -146,10 +85,15 @@ class StagedPath:
         # offsets handed to the kernel are in its element size (bytes)
         self.unit = kernel_elem or dkv.geometry.itemsize
         self._dirs: dict[str, _Direction] = {}
+        self._make_lock = threading.Lock()
         self._page_off: dict[tuple[int, int, int], torch.Tensor] = {}
         self._host_u8 = pool.tensor.view(-1)
 
     def _direction(self, op: str) -> _Direction:
+        with self._make_lock:
+            return self._dirs.get(op) or self._new_direction(op)
+
+    def _new_direction(self, op: str) -> _Direction:
         d = self._dirs.get(op)
         if d is None:
             size = -(-self.chunk_bytes // 256) * 256  # every buffer starts 256-byte aligned
@@ -309,3 +253,33 @@ class StagedPath:
         main.wait_event(d.filled[b])
         self._device_copy(False, blk, buf, planes, lay)
         d.free[b].record(main)
+
+
+def make_staged(dkv: DeviceKV, pool: HostPool, cfg: Staged, gpu: GPUPaths | None) -> StagedPath:
+    """The staged path of an engine: Triton gather/scatter and driver copies where they exist
+    (`gpu`), torch indexing and tensor copies otherwise (CPU tensors)."""
+    if gpu is None:
+        return StagedPath(dkv, pool, cfg.chunk_bytes, cfg.buffers)
+    paths = gpu
+    kernel: Kernel | None = None
+    if paths.triton is not None:
+
+        def kernel(
+            to_staging: bool,
+            blocks: torch.Tensor,
+            off: torch.Tensor,
+            planes: Sequence[int],
+            base: torch.Tensor,
+        ) -> None:
+            paths.copy_kernel(to_staging, blocks, off, planes, base)
+
+    copier: Copier | None = None
+    dma = paths.dma
+    if dma is not None:
+        loop = not (cfg.batch and dma.batched)
+
+        def copier(d: np.ndarray, s: np.ndarray, n: np.ndarray, stream: int) -> None:
+            assert dma is not None
+            dma.copy(d, s, n, stream, loop=loop)
+
+    return StagedPath(dkv, pool, cfg.chunk_bytes, cfg.buffers, kernel, copier, paths.elem_size)

@@ -37,8 +37,8 @@ class Rule:
 class Staged:
     min_job_bytes: int = 64 << 20
     min_run_bytes: int = 256 << 10
-    chunk_bytes: int = 16 << 20
-    buffers: int = 3
+    chunk_bytes: int = 32 << 20
+    buffers: int = 2
     batch: bool = False
 
     @classmethod

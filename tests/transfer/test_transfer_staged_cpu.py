@@ -18,7 +18,7 @@ from kvtier.errors import ConfigError
 from kvtier.geometry.spec import KVGeometry
 from kvtier.memory.host_pool import HostPool
 from kvtier.transfer.engine import CopyEngine
-from kvtier.transfer.staged import chunk_bounds, copy_runs, group_layout, plane_runs
+from kvtier.transfer.staged_plan import chunk_bounds, copy_runs, group_layout, plane_runs
 from kvtier.transfer.thresholds import Staged, Thresholds
 
 MHA = KVGeometry(3, 2, 16, 8, "bfloat16")
