@@ -88,7 +88,10 @@ def demo_specs(model: str, s: DemoSettings, workdir: Path) -> tuple[dict[str, An
         "block_size": block,
         "max_model_len": max_len,
     }
-    base = {"model": model, "max_tokens": s.max_tokens, "engine": engine, "workload": chat}
+    base = {
+        "model": model, "max_tokens": s.max_tokens, "engine": engine, "workload": chat,
+        "warmup": True,
+    }  # fmt: skip
     kvtier_cfg = {
         "host": {"budget": s.host_budget, "policy": "lru"},
         "tiers": [

@@ -10,8 +10,9 @@ tests start this module and read JSON lines from its stdout:
 
 Spec (JSON object): `model` (path), `workload` (`{"prompts": [[ids...], ...]}` or
 `{"chat": {"sessions", "turns", "system_tokens", "user_tokens", "seed"}}`), `max_tokens`,
-`engine` (`num_gpu_blocks`, `block_size`, `max_model_len`), `kvtier` (None: vLLM alone; else
-the kv_transfer_config arguments: `config`, `block_size`, `stats_path`).
+`engine` (`num_gpu_blocks`, `block_size`, `max_model_len`), `warmup` (one unmeasured request
+first), `kvtier` (None: vLLM alone; else the kv_transfer_config arguments: `config`,
+`block_size`, `stats_path`).
 """
 
 from __future__ import annotations
@@ -97,6 +98,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     cached: list[int] = []
     ttft: list[float] = []
     prompt_lens: list[int] = []
+
+    if spec.get("warmup"):  # one throw-away request so the first measured one pays no warm-up
+        _generate(engine, "warmup", [1000 + i % 20 for i in range(48)], params)
 
     def one(prompt: list[int]) -> list[int]:
         i = len(outputs)
