@@ -27,22 +27,21 @@ _names = itertools.count()
 
 # UCX settings kvtier applies unless the user's environment sets them (UCX reads its config
 # when NIXL creates the UCX backend, so they must be in os.environ before the agent exists).
-# - CUDA_IPC_CACHE_MAX_REGIONS / _SIZE=inf: keep every peer region's IPC mapping open. A KV
-#   cache registers a few hundred regions at most; an LRU-evicted mapping would be reopened
-#   (cuIpcOpenMemHandle, ~100 us and more) inside a later transfer's critical path.
-# NIXL itself already sets RNDV_THRESH=inf and MAX_RMA_RAILS=2 the same overridable way.
-# Not set by default (measured by `kvtier bench pd` as variants first): NIXL_UCX_SGL_ENABLE=1
-# (one cuMemcpyBatchAsync per transfer instead of one cuMemcpyDtoDAsync per descriptor).
-UCX_DEFAULTS: dict[str, str] = {
-    "UCX_CUDA_IPC_CACHE_MAX_REGIONS": "inf",
-    "UCX_CUDA_IPC_CACHE_MAX_SIZE": "inf",
-}
+# Empty on purpose: on 2x H200 (bench/results/pd-h200x2-2026-11-22) keeping every CUDA IPC
+# mapping open (UCX_CUDA_IPC_CACHE_MAX_REGIONS/_SIZE=inf) measured 67% of peer copy against 82%
+# without, and NIXL_UCX_SGL_ENABLE=1 lifted block runs (20% -> 57%) and scattered blocks (3% ->
+# 20%) but lowered contiguous requests (82% -> 69%). Users choose per workload.
+UCX_DEFAULTS: dict[str, str] = {}
 
 
-def apply_ucx_defaults(env: dict[str, str] | os._Environ[str] | None = None) -> dict[str, str]:
-    """Put UCX_DEFAULTS into `env` (os.environ) where unset; return the values in effect."""
+def apply_ucx_defaults(
+    env: dict[str, str] | os._Environ[str] | None = None,
+    defaults: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Put `defaults` (UCX_DEFAULTS) into `env` (os.environ) where unset; return the values in
+    effect."""
     target = os.environ if env is None else env
-    for key, value in UCX_DEFAULTS.items():
+    for key, value in (UCX_DEFAULTS if defaults is None else defaults).items():
         target.setdefault(key, value)
     return {k: target[k] for k in sorted(target)
             if k.startswith(("UCX_", "NIXL_UCX_"))}

@@ -111,10 +111,11 @@ def test_fingerprint_and_notifications() -> None:
 
 
 def test_ucx_defaults_leave_user_settings_alone() -> None:
-    from kvtier.transfer.nixl_endpoint import UCX_DEFAULTS, apply_ucx_defaults
+    from kvtier.transfer.nixl_endpoint import apply_ucx_defaults
 
+    defaults = {"UCX_CUDA_IPC_CACHE_MAX_SIZE": "inf", "UCX_CUDA_IPC_CACHE_MAX_REGIONS": "inf"}
     env = {"UCX_CUDA_IPC_CACHE_MAX_SIZE": "1g", "PATH": "/bin"}
-    seen = apply_ucx_defaults(env)
+    seen = apply_ucx_defaults(env, defaults)
     assert env["UCX_CUDA_IPC_CACHE_MAX_SIZE"] == "1g"
-    assert env["UCX_CUDA_IPC_CACHE_MAX_REGIONS"] == UCX_DEFAULTS["UCX_CUDA_IPC_CACHE_MAX_REGIONS"]
+    assert env["UCX_CUDA_IPC_CACHE_MAX_REGIONS"] == "inf"
     assert "PATH" not in seen and seen["UCX_CUDA_IPC_CACHE_MAX_SIZE"] == "1g"
