@@ -294,7 +294,11 @@ class TieredCache:
         n = next((i for i, f in enumerate(found) if f < 0), len(keys))
         # Keys already in host memory in another state end the run (a concurrent writer).
         n = next((i for i in range(n) if keys[i] in self.host), n)
-        if n == 0:
+        # Never promote past what host memory can hold next to the hit prefix (less the slots
+        # kept free for demotion): the excess would evict the prefix and the lookup would chase
+        # its own tail.
+        n = min(n, self.host_pool.num_slots - self._headroom - len(protect))
+        if n <= 0:
             return 0
         policy = self.host.policy
         shielded = [k for k in protect if not self.host.pages[k].refs]
