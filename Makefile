@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 
 demo:  ## install kvtier with vLLM (CPU) and run the main job on host memory + local disk
 	scripts/install.sh vllm
-	kvtier demo
+	$(PYTHON) -m kvtier demo
 
 install:
 	scripts/install.sh all
