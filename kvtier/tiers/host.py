@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from enum import IntEnum
 
-from kvtier.errors import EvictionError
 from kvtier.keys import PageKey
 from kvtier.memory.host_pool import HostPool
 from kvtier.policy import EvictionPolicy
@@ -176,9 +175,6 @@ class HostTier:
         self.pool.free([page.slot])
 
     # -- integrity -------------------------------------------------------------------------
-    def total_refs(self) -> int:
-        return sum(p.refs for p in self.pages.values())
-
     def check_integrity(self, expected_refs: dict[PageKey, int] | None = None) -> None:
         """Slots unique and allocated, policy holds exactly the READY pages, and (when given)
         every page's count equals the leases the cache knows of."""
@@ -199,13 +195,6 @@ class HostTier:
                 want = expected_refs.get(key, 0)
                 assert page.refs == want, f"page {key.hex()}: {page.refs} refs, {want} leases"
         self.policy.check_integrity()
-
-    def evict_for(self, n: int) -> list[PageKey] | None:
-        """make_room that answers None instead of raising."""
-        try:
-            return self.make_room(n)
-        except EvictionError:
-            return None
 
     def pages_in(self, states: Iterable[PageState]) -> int:
         wanted = set(states)

@@ -7,29 +7,16 @@ turn into counted misses while the other tiers keep serving; nothing loaded is e
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-from servers import MooncakeMaster, RedisServer, ServerUnavailable
+from servers import MooncakeMaster, RedisServer
 
 from kvtier.cache import EventKind, Lookup, LookupStatus, TieredCache
 
 from .helpers import NS, check_loaded, keys, settle, store_all
 
 SLOT = 20480  # one 16 KiB page + header, 4 KiB aligned
-
-
-@pytest.fixture
-def redis_srv() -> Iterator[RedisServer]:
-    pytest.importorskip("redis")
-    try:
-        srv = RedisServer.start()
-    except ServerUnavailable as exc:
-        pytest.skip(str(exc))
-    yield srv
-    srv.stop()
 
 
 def redis_tier(srv: RedisServer, mode: str) -> dict[str, Any]:
@@ -69,22 +56,22 @@ def finish(cache: TieredCache) -> None:
     cache.close()
 
 
-def test_cascade_down_disk_and_redis(tmp_path: Path, redis_srv: RedisServer) -> None:
+def test_cascade_down_disk_and_redis(tmp_path: Path, redis_server: RedisServer) -> None:
     import redis
 
-    cache = make(8, [disk_tier(tmp_path), redis_tier(redis_srv, "write_through")])
+    cache = make(8, [disk_tier(tmp_path), redis_tier(redis_server, "write_through")])
     ks = keys(4)
     store_all(cache, ks)
     got = events(cache)
     assert {(EventKind.STORED, t) for t in ("host", "disk", "redis")} <= got
-    client = redis.Redis.from_url(redis_srv.url)
+    client = redis.Redis.from_url(redis_server.url)
     assert client.exists(*[b"kvtier:" + k.hex().encode() for k in ks]) == 4
     assert cache.stats().tier("disk").pages == 4
     finish(cache)
 
 
-def test_demote_into_redis_then_promote_back(redis_srv: RedisServer) -> None:
-    cache = make(8, [redis_tier(redis_srv, "demote")])
+def test_demote_into_redis_then_promote_back(redis_server: RedisServer) -> None:
+    cache = make(8, [redis_tier(redis_server, "demote")])
     ks = keys(16)
     store_all(cache, ks)  # host holds at most 8: the oldest were demoted on eviction
     got = events(cache)
@@ -101,13 +88,13 @@ def test_demote_into_redis_then_promote_back(redis_srv: RedisServer) -> None:
 
 
 def test_redis_killed_cache_serves_from_disk_and_reconnects(
-    tmp_path: Path, redis_srv: RedisServer
+    tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    cache = make(4, [redis_tier(redis_srv, "write_through"), disk_tier(tmp_path)])
+    cache = make(4, [redis_tier(redis_server, "write_through"), disk_tier(tmp_path)])
     ks = keys(8)
     store_all(cache, ks)
     events(cache)
-    redis_srv.kill()
+    redis_server.kill()
     res = settle(cache, ks[:4])  # host evicted these; redis is gone; the disk has them
     assert res.hits == 4
     check_loaded(cache, ks[:4])
@@ -118,7 +105,7 @@ def test_redis_killed_cache_serves_from_disk_and_reconnects(
     more = keys(2, start=10_000)
     store_all(cache, more)
     assert (EventKind.STORED, "disk") in events(cache)
-    redis_srv.restart()
+    redis_server.restart()
     again = keys(2, start=20_000)
     deadline = time.monotonic() + 10
     fresh = 30_000
@@ -131,14 +118,14 @@ def test_redis_killed_cache_serves_from_disk_and_reconnects(
     finish(cache)
 
 
-def test_redis_killed_mid_promotion_never_serves_wrong_pages(redis_srv: RedisServer) -> None:
+def test_redis_killed_mid_promotion_never_serves_wrong_pages(redis_server: RedisServer) -> None:
     from kvtier.geometry import KVGeometry
     from kvtier.keys import Namespace, page_keys
 
     big = Namespace("test-model-big", KVGeometry(4, 8, 128, 16, "float32"))  # 1 MiB pages
     slot = big.geometry.page_bytes + 4096
-    cache = TieredCache({"host": {"budget": 24 * slot}, "tiers": [redis_tier(redis_srv, "demote")]},
-                        big)
+    tiers = [redis_tier(redis_server, "demote")]
+    cache = TieredCache({"host": {"budget": 24 * slot}, "tiers": tiers}, big)
     ks = page_keys(big, list(range(48 * 16)))
     plan_keys: list[bytes] = []
     for i in range(0, 48, 8):  # store 48 pages through a 24-page host tier: half are demoted
@@ -150,7 +137,7 @@ def test_redis_killed_mid_promotion_never_serves_wrong_pages(redis_srv: RedisSer
         plan_keys += plan.keys
         cache.drain()
     first = cache.lookup(ks)
-    redis_srv.kill()  # while the promotion batch streams out of redis
+    redis_server.kill()  # while the promotion batch streams out of redis
     assert first.status == LookupStatus.PENDING
     res = settle(cache, ks, timeout=30)
     assert res.status in (LookupStatus.HIT, LookupStatus.MISS)
@@ -167,28 +154,23 @@ def test_redis_killed_mid_promotion_never_serves_wrong_pages(redis_srv: RedisSer
     finish(cache)
 
 
-def test_mooncake_demote_promote_and_master_loss(tmp_path: Path) -> None:
-    pytest.importorskip("mooncake.store")
-    try:
-        master = MooncakeMaster.start()
-    except ServerUnavailable as exc:
-        pytest.skip(str(exc))
-    try:
-        mc = {"kind": "mooncake", "master": master.addr, "global_segment_size": "32MiB",
-              "mode": "demote"}
-        cache = make(8, [mc, disk_tier(tmp_path, "demote")])
-        ks = keys(16)  # host holds at most 8 (less its headroom): the oldest go to mooncake
-        store_all(cache, ks)
-        assert (EventKind.DEMOTED, "mooncake") in events(cache)
-        assert settle_all(cache, ks[:4]).hits == 4
-        check_loaded(cache, ks[:4])
-        assert (EventKind.PROMOTED, "mooncake") in events(cache)
-        master.kill()
-        # mooncake's pages are gone with it; the disk below still serves its copies
-        res = settle_all(cache, ks[4:])
-        assert res.hits >= 4
-        check_loaded(cache, ks[4 : 4 + res.hits])
-        assert (EventKind.PROMOTED, "disk") in events(cache)
-        finish(cache)
-    finally:
-        master.stop()
+def test_mooncake_demote_promote_and_master_loss(
+    tmp_path: Path, mooncake_master: MooncakeMaster
+) -> None:
+    master = mooncake_master
+    mc = {"kind": "mooncake", "master": master.addr, "global_segment_size": "32MiB",
+          "mode": "demote"}
+    cache = make(8, [mc, disk_tier(tmp_path, "demote")])
+    ks = keys(16)  # host holds at most 8 (less its headroom): the oldest go to mooncake
+    store_all(cache, ks)
+    assert (EventKind.DEMOTED, "mooncake") in events(cache)
+    assert settle_all(cache, ks[:4]).hits == 4
+    check_loaded(cache, ks[:4])
+    assert (EventKind.PROMOTED, "mooncake") in events(cache)
+    master.kill()
+    # mooncake's pages are gone with it; the disk below still serves its copies
+    res = settle_all(cache, ks[4:])
+    assert res.hits >= 4
+    check_loaded(cache, ks[4 : 4 + res.hits])
+    assert (EventKind.PROMOTED, "disk") in events(cache)
+    finish(cache)
