@@ -2,7 +2,7 @@
 
 For 1-2 MiB page blobs, each tier stores and loads the same pages as its store's own client does
 in the same run (raw redis-py pipelined SET/MGET, raw Mooncake batch put/get from the same
-buffers, raw per-file write+fsync/read, raw pwrite/pread of the NIXL tier's slab file: see
+buffers, raw pwrite/preadv of a slab file at the disk and NIXL tiers' slot offsets: see
 bench_tiers_nixl), and the disk tier is also set against dd-like
 sequential write+fsync/read of the same bytes. Servers are started on loopback by the bench;
 a tier whose server is not installed is skipped with a note. Goals: tier >= 80% of raw, disk
@@ -51,41 +51,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def bench_disk(args: argparse.Namespace, pages: m.Pages, base: str) -> list[m.Row]:
-    tdir, rdir = os.path.join(base, "tier"), os.path.join(base, "raw")
+    tdir, raw = os.path.join(base, "tier"), os.path.join(base, "raw.slab")
     seq = os.path.join(base, "seq")
-    os.makedirs(rdir, exist_ok=True)
     tier = make_tier("disk", "disk", {"path": tdir, "budget": 4 * pages.total, "fsync": True,
                                       "max_inflight": 64}, pages.ctx)
     assert isinstance(tier, DiskTier)
     src, dst, rep, n = pages.sources(), pages.targets(), args.repeat, pages.total
+    stride = tier.slabs.slot_bytes
+    slabs = [tier.slabs.slab_path(i) for i in range(tier.slabs.slabs)]
 
     def clear_tier() -> None:
         tier.remove(pages.keys)
 
-    def cold_tier() -> None:
+    def cold(paths: list[str]) -> None:
         pages.scrub_targets()
-        m.drop_page_cache(m.files_under(tier.root))
+        m.drop_page_cache(paths)
 
     chunk = memoryview(bytearray(m.SEQ_CHUNK))
     try:
         # the tier runs last in each round: the load check below sees the tier's bytes
         r_store, s_write, t_store = m.interleaved(n, rep, [
-            (lambda: m.raw_files_store(rdir, src), None),
+            (lambda: m.raw_slab_store(raw, stride, src, args.batch), None),
             (lambda: m.seq_write(seq, n, chunk), None),
             (lambda: m.tier_pass(tier, "store", src, args.batch), clear_tier),
         ])
         r_load, s_read, t_load = m.interleaved(n, rep, [
-            (lambda: m.raw_files_load(rdir, dst), lambda: m.drop_page_cache(m.files_under(rdir))),
+            (lambda: m.raw_slab_load(raw, stride, dst), lambda: cold([raw])),
             (lambda: m.seq_read(seq, chunk), lambda: m.drop_page_cache([seq])),
-            (lambda: m.tier_pass(tier, "load", dst, args.batch), cold_tier),
+            (lambda: m.tier_pass(tier, "load", dst, args.batch), lambda: cold(slabs)),
         ])
         pages.check_loaded()
+        tier.check_integrity()
     finally:
         tier.close()
-    raw = "per-file write+fsync / read"
+    what = "pwrite (fdatasync per batch) / preadv per page at the same slot offsets"
     return [
-        m.Row("disk", "store", pages.n, pages.blob_bytes, t_store, r_store, raw, s_write),
-        m.Row("disk", "load", pages.n, pages.blob_bytes, t_load, r_load, raw, s_read),
+        m.Row("disk", "store", pages.n, pages.blob_bytes, t_store, r_store, what, s_write),
+        m.Row("disk", "load", pages.n, pages.blob_bytes, t_load, r_load, what, s_read),
     ]
 
 

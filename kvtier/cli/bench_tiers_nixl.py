@@ -18,27 +18,6 @@ from kvtier.tiers.nixl_io import FileSlots
 from kvtier.tiers.registry import make_tier
 
 
-def _raw_store(path: str, stride: int, items: list[m.Item]) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    try:
-        for i, (_, buf) in enumerate(items):
-            done = 0
-            while done < len(buf):
-                done += os.pwrite(fd, buf[done:], i * stride + done)
-    finally:
-        os.close(fd)
-
-
-def _raw_load(path: str, stride: int, items: list[m.Item]) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for i, (_, buf) in enumerate(items):
-            if os.preadv(fd, [buf], i * stride) != len(buf):
-                raise AssertionError("raw slab read came up short")
-    finally:
-        os.close(fd)
-
-
 def bench_nixl(args: argparse.Namespace, pages: m.Pages, base: str,
                io: str = "aio") -> list[m.Row]:
     """Store then load `pages` through a nixl tier (POSIX backend) and the raw baseline."""
@@ -62,8 +41,8 @@ def bench_nixl(args: argparse.Namespace, pages: m.Pages, base: str,
         t_load = m.best_gbs(n, lambda: m.tier_pass(tier, "load", dst, args.batch), rep,
                             lambda: cold(slabs))
         pages.check_loaded()
-        r_store = m.best_gbs(n, lambda: _raw_store(raw, stride, src), rep)
-        r_load = m.best_gbs(n, lambda: _raw_load(raw, stride, dst), rep, lambda: cold([raw]))
+        r_store = m.best_gbs(n, lambda: m.raw_slab_store(raw, stride, src), rep)
+        r_load = m.best_gbs(n, lambda: m.raw_slab_load(raw, stride, dst), rep, lambda: cold([raw]))
         pages.check_loaded()
         tier.check_integrity()
     finally:

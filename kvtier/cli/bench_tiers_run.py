@@ -155,33 +155,33 @@ def drop_page_cache(paths: Sequence[str]) -> None:
             os.close(fd)
 
 
-def files_under(root: str) -> list[str]:
-    return [os.path.join(d, f) for d, _, names in os.walk(root) for f in names]
-
-
 # -- raw disk ---------------------------------------------------------------------------------
-def raw_files_store(directory: str, items: Sequence[Item]) -> None:
-    """One file per page, written and fsynced: the raw equivalent of the tier's writes."""
-    for key, buf in items:
-        fd = os.open(os.path.join(directory, key.hex()), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        try:
-            view = memoryview(buf)
+def raw_slab_store(path: str, stride: int, items: Sequence[Item], batch: int = 0) -> None:
+    """Each page written with os.pwrite at its slot offset in one slab file; with `batch`, an
+    fdatasync after every `batch` pages (the raw equivalent of a flushing tier's jobs)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        for i, (_, buf) in enumerate(items):
             done = 0
-            while done < len(view):
-                done += os.write(fd, view[done:])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            while done < len(buf):
+                done += os.pwrite(fd, buf[done:], i * stride + done)
+            if batch and (i + 1) % batch == 0:
+                os.fdatasync(fd)
+        if batch:
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
-def raw_files_load(directory: str, items: Sequence[Item]) -> None:
-    for key, buf in items:
-        fd = os.open(os.path.join(directory, key.hex()), os.O_RDONLY)
-        try:
-            if os.preadv(fd, [buf], 0) != len(buf):
-                raise AssertionError("short read")
-        finally:
-            os.close(fd)
+def raw_slab_load(path: str, stride: int, items: Sequence[Item]) -> None:
+    """Each page read with os.preadv from its slot offset in one slab file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for i, (_, buf) in enumerate(items):
+            if os.preadv(fd, [buf], i * stride) != len(buf):
+                raise AssertionError("raw slab read came up short")
+    finally:
+        os.close(fd)
 
 
 def seq_write(path: str, nbytes: int, chunk: memoryview) -> None:

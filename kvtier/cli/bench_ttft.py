@@ -31,6 +31,7 @@ from kvtier.tiers.base import Item
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.options import Options
 from kvtier.tiers.registry import register_tier
+from kvtier.tiers.slabs import open_slab_dir
 
 PRESETS: dict[str, dict[str, Any]] = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -63,7 +64,7 @@ def _make_throttled(name: str, options: Any, ctx: Any) -> DiskTier:
     o = Options(name, opts)
     path, budget = o.string("path"), o.size("budget", "8GiB", minimum=ctx.blob_bytes)
     o.finish()
-    tier = ThrottledDiskTier(name, ctx, path, budget, threads=4)
+    tier = ThrottledDiskTier(name, ctx, open_slab_dir(name, path, ctx, budget, 1 << 30))
     tier.read_bytes_per_s = rate
     return tier
 

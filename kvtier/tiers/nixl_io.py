@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from kvtier.tiers.slabs import SlabDir, open_slab_files
+from kvtier.tiers.slots import SlotIOError
 from kvtier.transfer.nixl_transport import load_nixl
 
 _names = itertools.count()
@@ -33,7 +35,7 @@ Local = tuple[int, int]  # (host address, bytes)
 Remote = tuple[int, int, int]  # (slot, offset inside the slot, bytes)
 
 
-class NixlIOError(Exception):
+class NixlIOError(SlotIOError):
     """A NIXL request failed, timed out, or could not be built."""
 
 
@@ -206,38 +208,27 @@ class SlotStore:
 
 
 class FileSlots(SlotStore):
-    """Slots in slab files `slab-<i>.kvt` under `root`, `per_slab` slots each (the last slab
-    holds the rest). Files are sparse: only written slots take disk space."""
+    """Slots in the slab files of `slabs` (see kvtier.tiers.slabs), registered with NIXL once.
+    Files are sparse: only written slots take disk space."""
 
     mem_type = "FILE"
 
-    def __init__(self, root: str, num_slots: int, slot_bytes: int, per_slab: int,
-                 params: dict[str, str], timeout: float) -> None:
-        super().__init__("POSIX", params, num_slots, slot_bytes, timeout)
-        self.root = root
-        self.per_slab = per_slab
+    def __init__(self, slabs: SlabDir, params: dict[str, str], timeout: float) -> None:
+        super().__init__("POSIX", params, slabs.num_slots, slabs.slot_bytes, timeout)
+        self.slabs = slabs
+        self.root = slabs.root
+        self.per_slab = slabs.per_slab
         self.fds: list[int] = []
-        slabs = -(-num_slots // per_slab)
         try:
-            for i in range(slabs):
-                size = min(per_slab, num_slots - i * per_slab) * slot_bytes
-                fd = os.open(self.slab_path(i), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-                self.fds.append(fd)
-                if os.fstat(fd).st_size != size:
-                    os.ftruncate(fd, size)  # grows sparse, or cuts slots the budget dropped
-            for stale in range(slabs, slabs + 1024):  # slabs a larger budget left behind
-                if not os.path.exists(self.slab_path(stale)):
-                    break
-                os.unlink(self.slab_path(stale))
+            self.fds = open_slab_files(slabs)
             self._regs.append(self.agent.register_memory(
-                [(0, min(per_slab, num_slots - i * per_slab) * slot_bytes, fd, "")
-                 for i, fd in enumerate(self.fds)], "FILE"))
+                [(0, slabs.slab_bytes(i), fd, "") for i, fd in enumerate(self.fds)], "FILE"))
         except BaseException:
             self.close()
             raise
 
     def slab_path(self, i: int) -> str:
-        return os.path.join(self.root, f"slab-{i:04d}.kvt")
+        return self.slabs.slab_path(i)
 
     def remote(self, slot: int, offset: int, nbytes: int) -> tuple[int, int, int]:
         slab, idx = divmod(slot, self.per_slab)

@@ -1,10 +1,7 @@
-"""Construction of the nixl tier's slot stores: slab directory (manifest, lock) or bucket."""
+"""Construction of the nixl tier's slot stores: a slab directory (tiers.slabs) or a bucket."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import os
 import socket
 import urllib.parse
@@ -13,44 +10,18 @@ from kvtier.errors import ConfigError
 from kvtier.tiers.base import TierContext
 from kvtier.tiers.nixl_io import FileSlots, NixlIOError, ObjectSlots, SlotStore
 from kvtier.tiers.options import Options
-
-ALIGN = 4096  # slot stride in slab files: slots start page-aligned, like host slots
+from kvtier.tiers.slabs import ALIGN, open_slab_dir
 
 
 def open_slabs(name: str, path: str, ctx: TierContext, budget: int, slab_size: int,
                params: dict[str, str], timeout: float) -> tuple[FileSlots, int]:
     """The slab files of this namespace under `path`, locked for this process.
     Returns (store, lock fd)."""
-    root = os.path.join(path, ctx.fingerprint.hex())
-    slot_bytes = -(-ctx.blob_bytes // ALIGN) * ALIGN
+    slabs = open_slab_dir(name, path, ctx, budget, slab_size)
     try:
-        os.makedirs(root, exist_ok=True)
-        lock_fd = os.open(os.path.join(root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ConfigError(f"tiers.{name}.path", path, f"a writable directory ({exc})") from exc
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(lock_fd)
-        raise ConfigError(f"tiers.{name}.path", path,
-                          "a directory no other live nixl tier uses") from exc
-    try:
-        per_slab = max(slab_size // slot_bytes, 1)
-        manifest = os.path.join(root, "manifest.json")
-        with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
-            with open(manifest) as f:
-                doc = json.load(f)
-            if doc["slot_bytes"] == slot_bytes:
-                per_slab = int(doc["slots_per_slab"])  # keep the layout the pages are in
-        with open(manifest + ".tmp", "w") as f:
-            json.dump({"format": 1, "slot_bytes": slot_bytes, "slots_per_slab": per_slab}, f)
-        os.replace(manifest + ".tmp", manifest)
-        num_slots = budget // slot_bytes
-        if num_slots < 1:
-            raise ConfigError(f"tiers.{name}.budget", budget, f">= one slot ({slot_bytes} B)")
-        return FileSlots(root, num_slots, slot_bytes, per_slab, params, timeout), lock_fd
+        return FileSlots(slabs, params, timeout), slabs.lock_fd
     except BaseException:
-        os.close(lock_fd)
+        os.close(slabs.lock_fd)
         raise
 
 

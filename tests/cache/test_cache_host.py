@@ -1,5 +1,6 @@
 """The cache with the host tier alone, and with a local disk below it."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -137,11 +138,13 @@ def test_corrupt_lower_tier_page_is_a_counted_miss(tmp_path: Path) -> None:
     with disk_cache(tmp_path, 4) as first:
         store(first, ks)
         first.drain()
-    for f in (tmp_path / "disk").rglob("*"):
-        if f.is_file() and f.stat().st_size > 1000:
-            data = bytearray(f.read_bytes())
-            data[-10] ^= 0xFF
-            f.write_bytes(bytes(data))
+    for f in (tmp_path / "disk").rglob("slab-*.kvt"):  # flip a payload byte of every page
+        data = bytearray(f.read_bytes())
+        stride = json.loads((f.parent / "manifest.json").read_text())["slot_bytes"]
+        for off in range(0, len(data), stride):
+            if data[off : off + 4] == b"KVTB":
+                data[off + 100] ^= 0xFF
+        f.write_bytes(bytes(data))
     with disk_cache(tmp_path, 4) as second:
         res = settle(second, ks)
         assert res.hits == 0 and res.status == LookupStatus.MISS

@@ -21,7 +21,7 @@ except Exception as exc:  # the wheel is not installed here
     pytest.skip(f"nixl not importable: {exc}", allow_module_level=True)
 
 from servers import free_port, wait_port
-from tierkit import Pages, run
+from tierkit import Pages, run, slot_bytes, slot_file
 
 from kvtier.errors import ConfigError
 from kvtier.keys import HEADER_SIZE
@@ -35,18 +35,6 @@ def make(pages: Pages, path: Path, slots: int = 64, **kw: Any) -> NixlTier:
     tier = make_tier("nixl", "nx", opts, pages.ctx)
     assert isinstance(tier, NixlTier)
     return tier
-
-
-def slot_bytes(pages: Pages) -> int:
-    return -(-pages.blob_bytes() // 4096) * 4096
-
-
-def slot_file(tier: NixlTier, key: bytes) -> tuple[str, int]:
-    """(slab path, byte offset) of a stored page."""
-    store = tier.store
-    assert isinstance(store, FileSlots)
-    slab, idx = divmod(tier._slot[key], store.per_slab)
-    return store.slab_path(slab), idx * store.slot_bytes
 
 
 @pytest.mark.parametrize("io", ["aio", "sync"])

@@ -65,3 +65,15 @@ def run(tier: SecondaryTier, op: str, items: Sequence[Item], timeout: float = 30
         if result.job_id == job:
             return result
     raise AssertionError(f"job {job} never finished")
+
+
+def slot_bytes(pages: Pages) -> int:
+    """A slab tier's slot stride for these pages (blob rounded up to 4 KiB)."""
+    return -(-pages.blob_bytes() // 4096) * 4096
+
+
+def slot_file(tier: object, key: bytes) -> tuple[str, int]:
+    """(slab path, byte offset) of a page stored in a slab tier (disk, or nixl on files)."""
+    slabs = getattr(tier, "slabs", None) or getattr(tier, "store").slabs  # noqa: B009
+    slab, idx = divmod(tier._slot[key], slabs.per_slab)  # type: ignore[attr-defined]
+    return slabs.slab_path(slab), idx * slabs.slot_bytes
