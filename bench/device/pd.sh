@@ -39,20 +39,29 @@ if grep -q "needs 2 CUDA GPUs" "$OUT/tests.log"; then echo "pd.sh: GPU tests ski
 
 # The bench module directly (the CLI would import every benchmark). Variants, each in its own
 # process (UCX/NIXL read these once): "base" = kvtier's UCX defaults, with UCX_PROTO_INFO so the
-# log names the protocol and transport used; "sgl" = NIXL_UCX_SGL_ENABLE=1 (one
-# cuMemcpyBatchAsync per transfer). Each row lands in pd-cuda-<variant>-rows.jsonl as measured.
-run_bench() {  # name, env assignments...
-    local name=$1; shift
-    env "$@" timeout -k 5 55 python3 -m kvtier.cli.bench_pd --device cuda --tokens 8192 \
-        --repeat 8 --parts 1 --workers 1 --save "$OUT/$name" >"$OUT/bench-$name.log" 2>&1 \
+# log names the protocol and transport used, at 8K and 32K tokens (a long prompt is what a
+# disaggregated deployment moves); "sgl" = NIXL_UCX_SGL_ENABLE=1 (one cuMemcpyBatchAsync per
+# transfer). Each row lands in pd-cuda-<variant>-rows.jsonl as measured.
+run_bench() {  # name, tokens, time limit, env assignments...
+    local name=$1 tokens=$2 limit=$3; shift 3
+    env "$@" timeout -k 5 "$limit" python3 -m kvtier.cli.bench_pd --device cuda \
+        --tokens "$tokens" --repeat 8 --parts 1 --workers 1 --save "$OUT/$name" \
+        >"$OUT/bench-$name.log" 2>&1 \
         || { echo "pd.sh: bench $name failed (see bench-$name.log)" >&2; status=1; }
     grep "^pd" "$OUT/bench-$name.log" || true
 }
-run_bench base UCX_PROTO_INFO=y
-run_bench sgl NIXL_UCX_SGL_ENABLE=1
-grep -E "cuda_ipc|put|PUT" "$OUT/bench-base.log" | grep -v "^pd" | head -20 || true
+VARIANTS=${VARIANTS:-"base-8k base-32k sgl-8k"}
+for v in $VARIANTS; do
+    case $v in
+        base-8k) run_bench base-8k 8192 70 UCX_PROTO_INFO=y ;;
+        base-32k) run_bench base-32k 32768 170 ;;
+        sgl-8k) run_bench sgl-8k 8192 70 NIXL_UCX_SGL_ENABLE=1 ;;
+        *) echo "pd.sh: unknown variant $v" >&2; status=1 ;;
+    esac
+done
+grep -E "cuda_ipc|put|PUT" "$OUT/bench-base-8k.log" 2>/dev/null | grep -v "^pd" | head -20 || true
 # the summary table last (rows of a run that did not finish, if any)
-for name in base sgl; do
+for name in $VARIANTS; do
     echo "## variant $name"
     if compgen -G "$OUT/$name/pd-cuda-w1-2*.md" >/dev/null; then cat "$OUT"/$name/pd-cuda-w1-2*.md
     else echo "partial rows:"; cat "$OUT/$name/pd-cuda-w1-rows.jsonl" 2>/dev/null || true

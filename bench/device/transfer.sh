@@ -69,7 +69,7 @@ PYEOF
 # the staged DMA path and auto first; the known slow variants only with ALL=1
 FAST_PATHS=auto,staged,staged-batch,staged-c8m,staged-c64m,store-staged+load-triton,triton,torch
 ALL_PATHS="$FAST_PATHS,dma,triton-grid-full,triton-cta2,triton-cta8,store-triton+load-torch,store-torch+load-triton"
-if [ "${ALL:-0}" = 1 ]; then PATHS="$ALL_PATHS"; else PATHS="$FAST_PATHS"; fi
+if [ "${ALL:-0}" = 1 ]; then PATHS="$ALL_PATHS"; else PATHS="${PATHS:-$FAST_PATHS}"; fi
 part gpu-tests 100 "$PY" -m pytest -m gpu tests/transfer/test_transfer_gpu.py -q -p no:cacheprovider --timeout 90 -o addopts="" -rfE
 if [ "${SWEEP:-0}" = 1 ]; then
   part sweep 120 "$PY" bench/device/transfer_sweep.py "$OUT"

@@ -188,9 +188,18 @@ def _copies_ceiling(spec: KVCacheSpec, src: list[int], dst: list[int], repeat: i
     pa = RegistrationPlan(spec, {k: TensorMemory.of(v) for k, v in a.items()})
     pb = RegistrationPlan(spec, {k: TensorMemory.of(v) for k, v in b.items()})
     local, remote = pa.transfer_descriptors({0: src}, pb, {0: dst})
-    names = {pa.place(t.name)[0]: t.name for t in spec.tensors}
-    pairs = [(a[names[x.region]][x.offset:x.offset + x.nbytes],
-              b[names[y.region]][y.offset:y.offset + y.nbytes]) for x, y in zip(local, remote)]
+
+    def view(plan: RegistrationPlan, ts: dict[str, Any], region: int, offset: int,
+             nbytes: int) -> Any:
+        # adjacent tensors may share one registered region: find the tensor holding the bytes
+        for t in spec.tensors:
+            r, start = plan.place(t.name)
+            if r == region and start <= offset < start + t.size_bytes:
+                return ts[t.name][offset - start : offset - start + nbytes]
+        raise RuntimeError(f"no tensor holds region {region} offset {offset}")
+
+    pairs = [(view(pa, a, x.region, x.offset, x.nbytes), view(pb, b, y.region, y.offset, y.nbytes))
+             for x, y in zip(local, remote)]
     best = float("inf")
     with torch.cuda.device(0):
         for _ in range(max(repeat, 10)):
