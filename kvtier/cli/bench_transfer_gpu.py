@@ -202,8 +202,6 @@ VARIANTS: dict[str, tuple[str, str, int | None, Staged | None]] = {
     "auto": ("auto", "auto", None, None),
     "staged": ("staged", "staged", None, None),
     "staged-batch": ("staged", "staged", None, Staged(batch=True)),
-    "staged-batch-2s": ("staged", "staged", None, Staged(batch=True, streams=2)),
-    "staged-2s": ("staged", "staged", None, Staged(streams=2)),
     "staged-c64m": ("staged", "staged", None, Staged(chunk_bytes=64 << 20, buffers=2)),
     "staged-c8m": ("staged", "staged", None, Staged(chunk_bytes=8 << 20, buffers=3)),
     "store-staged+load-triton": ("staged", "triton", None, None),

@@ -5,9 +5,7 @@ store, chunk i is gathered on the device (device -> device, a few TB/s) into sta
 i % B in canonical page-first order while the DMA stream copies chunk i - 1 from its buffer into
 the pinned host slots (one copy per contiguous run); a load is the mirror (DMA host -> staging,
 then a scatter kernel). The PCIe bytes move on the copy engines, not on SMs, and stores and loads
-use separate DMA streams so both directions of the link run at once. With `streams` > 1 a
-chunk's copies are split by pages over that many DMA streams per direction, so the per-copy
-start-up of one copy engine overlaps the transfer of another.
+use separate DMA streams so both directions of the link run at once.
 
 Ordering (GPU): the gather/scatter runs on the engine's store/load stream (`main`), the copies on
 the direction's own DMA stream. Per buffer b, `filled[b]` says its bytes are ready for the next
@@ -47,19 +45,14 @@ Copier = Callable[[np.ndarray, np.ndarray, np.ndarray, int], None]
 
 @dataclass
 class _Direction:
-    """Staging buffers, DMA streams and per-buffer events of one direction."""
+    """Staging buffers, DMA stream and per-buffer events of one direction."""
 
     buffers: torch.Tensor  # [B, buffer_bytes] uint8
-    streams: list[torch.cuda.Stream]  # empty on CPU; streams[0] joins the others per chunk
+    stream: torch.cuda.Stream | None
     filled: list[torch.cuda.Event]
     free: list[torch.cuda.Event]
-    joins: list[list[torch.cuda.Event]]  # [buffer][stream - 1]: that stream's part is done
     lock: threading.Lock
     next_buf: int = 0
-
-    @property
-    def stream(self) -> torch.cuda.Stream | None:
-        return self.streams[0] if self.streams else None
 
 
 class StagedPath:
@@ -79,13 +72,11 @@ class StagedPath:
         kernel: Kernel | None = None,
         copier: Copier | None = None,
         kernel_elem: int | None = None,
-        streams: int = 1,
     ) -> None:
         self.dkv = dkv
         self.pool = pool
         self.chunk_bytes = max(int(chunk_bytes), dkv.geometry.page_bytes)
         self.num_buffers = max(1, int(buffers))
-        self.num_streams = max(1, int(streams))
         self.kernel = kernel
         self.copier = copier
         self.on_gpu = dkv.device.type == "cuda"
@@ -107,12 +98,10 @@ class StagedPath:
         if d is None:
             size = -(-self.chunk_bytes // 256) * 256  # every buffer starts 256-byte aligned
             bufs = torch.empty((self.num_buffers, size), dtype=torch.uint8, device=self.dkv.device)
-            gpu, nb, ns = self.on_gpu, self.num_buffers, self.num_streams
-            streams = [torch.cuda.Stream(self.dkv.device) for _ in range(ns)] if gpu else []
-            ev = [torch.cuda.Event() for _ in range(nb)] if gpu else []
-            ev2 = [torch.cuda.Event() for _ in range(nb)] if gpu else []
-            joins = [[torch.cuda.Event() for _ in range(ns - 1)] for _ in range(nb)] if gpu else []
-            d = _Direction(bufs, streams, ev, ev2, joins, threading.Lock())
+            stream = torch.cuda.Stream(self.dkv.device) if self.on_gpu else None
+            ev = [torch.cuda.Event() for _ in range(self.num_buffers)] if self.on_gpu else []
+            ev2 = [torch.cuda.Event() for _ in range(self.num_buffers)] if self.on_gpu else []
+            d = _Direction(bufs, stream, ev, ev2, threading.Lock())
             self._dirs[op] = d
         return d
 
@@ -178,21 +167,6 @@ class StagedPath:
             else:
                 sv.copy_(hv, non_blocking=True)
 
-    def _split_host_copy(self, to_host: bool, d: _Direction, b: int, slots: np.ndarray,
-                         buf: torch.Tensor, lay: Layout) -> None:
-        """The chunk's host copies, its pages split evenly over the direction's streams; on
-        return streams[0] has joined the others (so one event on it covers the chunk)."""
-        bounds = np.linspace(0, len(slots), len(d.streams) + 1).astype(int)
-        for i, s in enumerate(d.streams):
-            lo, hi = int(bounds[i]), int(bounds[i + 1])
-            if lo == hi:
-                continue
-            with torch.cuda.stream(s):
-                self._host_copy(to_host, slots[lo:hi], buf[lo * lay.stride :], lay)
-        for s, ev in zip(d.streams[1:], d.joins[b]):
-            ev.record(s)
-            d.streams[0].wait_event(ev)
-
     # -- a job group -------------------------------------------------------------------------
     def run(
         self,
@@ -216,11 +190,10 @@ class StagedPath:
         slots_np = slots.numpy().astype(np.int64)
         main = torch.cuda.current_stream(self.dkv.device) if self.on_gpu else None
         with d.lock:
-            if d.streams and main is not None:
+            if d.stream is not None and main is not None:
                 start = torch.cuda.Event()
                 start.record(main)
-                for s in d.streams:  # no copy of this job runs before main's earlier work
-                    s.wait_event(start)
+                d.stream.wait_event(start)  # no copy of this job runs before main's earlier work
             for lo, hi in chunk_bounds(int(slots.numel()), self.chunk_bytes // lay.stride):
                 b = d.next_buf
                 d.next_buf = (b + 1) % self.num_buffers
@@ -253,9 +226,9 @@ class StagedPath:
         main.wait_event(d.free[b])  # the previous DMA out of buffer b has finished
         self._device_copy(True, blk, buf, planes, lay)
         d.filled[b].record(main)
-        for s in d.streams:
-            s.wait_event(d.filled[b])
-        self._split_host_copy(True, d, b, slots, buf, lay)
+        d.stream.wait_event(d.filled[b])
+        with torch.cuda.stream(d.stream):
+            self._host_copy(True, slots, buf, lay)
         d.free[b].record(d.stream)
 
     def _stage_load(
@@ -273,9 +246,9 @@ class StagedPath:
             self._host_copy(False, slots, buf, lay)
             self._device_copy(False, blk, buf, planes, lay)
             return
-        for s in d.streams:  # the previous scatter out of buffer b has finished
-            s.wait_event(d.free[b])
-        self._split_host_copy(False, d, b, slots, buf, lay)
+        d.stream.wait_event(d.free[b])  # the previous scatter out of buffer b has finished
+        with torch.cuda.stream(d.stream):
+            self._host_copy(False, slots, buf, lay)
         d.filled[b].record(d.stream)
         main.wait_event(d.filled[b])
         self._device_copy(False, blk, buf, planes, lay)
@@ -309,5 +282,4 @@ def make_staged(dkv: DeviceKV, pool: HostPool, cfg: Staged, gpu: GPUPaths | None
             assert dma is not None
             dma.copy(d, s, n, stream, loop=loop)
 
-    return StagedPath(dkv, pool, cfg.chunk_bytes, cfg.buffers, kernel, copier, paths.elem_size,
-                      cfg.streams)
+    return StagedPath(dkv, pool, cfg.chunk_bytes, cfg.buffers, kernel, copier, paths.elem_size)

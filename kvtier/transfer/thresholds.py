@@ -40,7 +40,6 @@ class Staged:
     chunk_bytes: int = 32 << 20
     buffers: int = 2
     batch: bool = False
-    streams: int = 1  # DMA streams per direction; each chunk's copies are split over them
 
     @classmethod
     def from_dict(cls, raw: object) -> Staged:
@@ -49,10 +48,9 @@ class Staged:
         if not isinstance(raw, dict):
             raise ConfigError("thresholds.staged", raw, "an object")
         out = cls(**{k: raw[k] for k in raw if k in cls.__dataclass_fields__})
-        for name in ("min_job_bytes", "min_run_bytes", "chunk_bytes", "buffers", "streams"):
+        for name in ("min_job_bytes", "min_run_bytes", "chunk_bytes", "buffers"):
             v = getattr(out, name)
-            least = 1 if name in ("buffers", "streams") else 0
-            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "buffers" else 0):
                 raise ConfigError(f"thresholds.staged.{name}", v, "a non-negative integer")
         if not isinstance(out.batch, bool):
             raise ConfigError("thresholds.staged.batch", out.batch, "true or false")

@@ -32,19 +32,16 @@ GEOMS = {
     "mla": (KVGeometry(3, 1, 576, 16, "bfloat16", mla=True), 16),
     "odd-item": (KVGeometry(2, 1, 12, 4, "float16"), 1),  # 24-byte items
 }
-PATHS = ["triton", "dma", "torch", "auto", "staged", "staged-chunked", "staged-batch",
-         "staged-3s"]
+PATHS = ["triton", "dma", "torch", "auto", "staged", "staged-chunked", "staged-batch"]
 
 
 def _engine(dkv: DeviceKV, pool: HostPool, path: str) -> CopyEngine:
     """`staged-chunked`: chunks of ~2.5 pages and 2 buffers (many chunks per job, buffers
-    reused within a job); `staged-batch`: the same with batched driver copies; `staged-3s`:
-    batched copies split over 3 DMA streams (uneven and empty shares of a chunk)."""
+    reused within a job); `staged-batch`: the same with batched driver copies."""
     if not path.startswith("staged-"):
         return CopyEngine(dkv, pool, path=path)
     chunk = int(2.5 * dkv.geometry.page_bytes)
-    staged = Staged(chunk_bytes=chunk, buffers=2, batch=path in ("staged-batch", "staged-3s"),
-                    streams=3 if path == "staged-3s" else 1)
+    staged = Staged(chunk_bytes=chunk, buffers=2, batch=path == "staged-batch")
     th = dataclasses.replace(Thresholds.read(), staged=staged)
     return CopyEngine(dkv, pool, path="staged", thresholds=th)
 
