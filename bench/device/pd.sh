@@ -28,8 +28,8 @@ PY
 nvidia-smi topo -m >"$OUT/topo.txt" 2>&1 || true
 
 # tests first: a wrong byte fails the run before any number is reported
-timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/transfer/test_registration.py \
-    tests/transfer/test_handshake.py tests/transfer/test_nixl_transport.py 2>&1 \
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/transfer/test_registration.py \
+    tests/transfer/test_handshake.py tests/transfer/test_nixl_transport.py tests/transfer/test_nixl_packed.py 2>&1 \
     | grep -v "NIXL INFO" | tee "$OUT/tests.log" || true
 # a test failure fails the script at the end; the bench still runs (it verifies its own bytes)
 status=0
@@ -41,11 +41,13 @@ if grep -q "needs 2 CUDA GPUs" "$OUT/tests.log"; then echo "pd.sh: GPU tests ski
 # process (UCX/NIXL read these once): "base" = kvtier's UCX defaults, with UCX_PROTO_INFO so the
 # log names the protocol and transport used, at 8K and 32K tokens (a long prompt is what a
 # disaggregated deployment moves); "sgl" = NIXL_UCX_SGL_ENABLE=1 (one cuMemcpyBatchAsync per
-# transfer). Each row lands in pd-cuda-<variant>-rows.jsonl as measured.
-run_bench() {  # name, tokens, time limit, env assignments...
-    local name=$1 tokens=$2 limit=$3; shift 3
+# transfer); every variant also measures packed transfers (gather into staging slots of the
+# given size, one descriptor per slot, scatter). Each row lands in pd-cuda-<variant>-rows.jsonl as measured.
+run_bench() {  # name, tokens, time limit, packed slot MiB, env assignments...
+    local name=$1 tokens=$2 limit=$3 slot=$4; shift 4
     env "$@" timeout -k 5 "$limit" python3 -m kvtier.cli.bench_pd --device cuda \
-        --tokens "$tokens" --repeat 8 --parts 1 --workers 1 --save "$OUT/$name" \
+        --tokens "$tokens" --repeat 8 --parts 1 --workers 1 --slot-mib "$slot" \
+        --save "$OUT/$name" \
         >"$OUT/bench-$name.log" 2>&1 \
         || { echo "pd.sh: bench $name failed (see bench-$name.log)" >&2; status=1; }
     grep "^pd" "$OUT/bench-$name.log" || true
@@ -53,9 +55,11 @@ run_bench() {  # name, tokens, time limit, env assignments...
 VARIANTS=${VARIANTS:-"base-8k base-32k sgl-8k"}
 for v in $VARIANTS; do
     case $v in
-        base-8k) run_bench base-8k 8192 70 UCX_PROTO_INFO=y ;;
-        base-32k) run_bench base-32k 32768 170 ;;
-        sgl-8k) run_bench sgl-8k 8192 70 NIXL_UCX_SGL_ENABLE=1 ;;
+        base-8k) run_bench base-8k 8192 80 64 UCX_PROTO_INFO=y ;;
+        base-32k) run_bench base-32k 32768 200 64 ;;
+        s128-8k) run_bench s128-8k 8192 80 128 ;;
+        s32-8k) run_bench s32-8k 8192 80 32 ;;
+        sgl-8k) run_bench sgl-8k 8192 80 64 NIXL_UCX_SGL_ENABLE=1 ;;
         *) echo "pd.sh: unknown variant $v" >&2; status=1 ;;
     esac
 done

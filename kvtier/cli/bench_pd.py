@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parts", default="1,4",
                         help="comma-separated: prepared transfers split into this many requests")
     parser.add_argument("--workers", type=int, default=1, help="UCX workers per agent")
+    parser.add_argument("--slot-mib", type=int, default=64,
+                        help="packed mode: staging slot size (4 slots per side)")
     parser.add_argument("--save", metavar="DIR", help="write pd-<device>-<date>.json/.md here")
 
 
@@ -108,20 +110,20 @@ def _alloc(spec: KVCacheSpec, device: str, fill: int | None) -> dict[str, Any]:
     return out
 
 
-def _receiver(geometry: str, tokens: int, device: str, workers: int, q: Any, out: Any) -> None:
+def _receiver(geometry: str, tokens: int, device: str, workers: int, slot_mib: int, q: Any,
+              out: Any) -> None:
     """Per task ("case", name, request ids, dst blocks): poison dst, say ready, wait for all
     ids, answer the digest of dst. ("done",) ends."""
     import torch
 
-    from kvtier.transfer.nixl_transport import KVReceiver
-    from kvtier.transfer.registration import TensorMemory
+    from kvtier.transfer.nixl_packed import PackedReceiver
 
     spec, _ = bench_spec(geometry, tokens)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)  # UCX registers VRAM in the current device's context
     tensors = _alloc(spec, device, 0xAB)
     bb = spec.block_bytes(0)
-    with KVReceiver(spec, {k: TensorMemory.of(v) for k, v in tensors.items()}, FP,
+    with PackedReceiver(spec, tensors, FP, slot_bytes=slot_mib << 20, slots=4,
                     timeout=120, backend_params=_params(workers)) as rx:
         q.put(rx.listen())
         try:
@@ -225,7 +227,9 @@ def _round(tx: Any, q: Any, out: Any, name: str, mode: str, parts: int, repeat: 
 
     mode "request": send() per request, descriptor preparation and release included;
     mode "transfer": the handles prepared once (split into `parts`) and posted again per
-    request, as an engine does for a fixed block table; the time runs from post to done.
+    request, as an engine does for a fixed block table; the time runs from post to done;
+    mode "packed": send_packed() per request (gather, one descriptor per staging slot,
+    scatter), timed until the receiver has scattered the last chunk.
     """
     ids = [f"{name}-{mode}-{parts}-{i}" for i in range(repeat + 1)]
     q.put(("case", name, ids, dst))
@@ -234,6 +238,8 @@ def _round(tx: Any, q: Any, out: Any, name: str, mode: str, parts: int, repeat: 
     times: list[float] = []
     if mode == "request":
         reports = [tx.send(rid, {0: src}, {0: dst}) for rid in ids]
+    elif mode == "packed":
+        reports = [tx.send_packed(rid, {0: src}, {0: dst}) for rid in ids]
     else:
         prepared = tx.prepare({0: src}, {0: dst}, parts=parts)
         try:
@@ -251,11 +257,11 @@ def _round(tx: Any, q: Any, out: Any, name: str, mode: str, parts: int, repeat: 
 
 
 def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[int, ...] = (1,),
-            workers: int = 1, rows_file: Path | None = None) -> dict[str, Any]:
+            slot_mib: int = 64, workers: int = 1,
+            rows_file: Path | None = None) -> dict[str, Any]:
     """All rows; each row is appended to `rows_file` (JSON lines) as soon as it is measured,
     and a failing row ends the run with an "error" row, keeping those before it."""
-    from kvtier.transfer.nixl_transport import KVSender
-    from kvtier.transfer.registration import TensorMemory
+    from kvtier.transfer.nixl_packed_send import PackedSender
 
     spec, blocks = bench_spec(geometry, tokens)
     src_dev, dst_dev = ("cpu", "cpu") if device == "cpu" else ("cuda:0", "cuda:1")
@@ -271,8 +277,8 @@ def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[i
                   file=sys.stderr, flush=True)
     ctx = mp.get_context("spawn")
     q, out = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=_receiver, args=(geometry, tokens, dst_dev, workers, q, out),
-                       daemon=True)
+    proc = ctx.Process(target=_receiver,
+                       args=(geometry, tokens, dst_dev, workers, slot_mib, q, out), daemon=True)
     proc.start()
     rows: list[dict[str, Any]] = []
 
@@ -290,10 +296,10 @@ def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[i
     try:
         host, port = q.get(timeout=300)
         tensors = _alloc(spec, src_dev, None)
-        with KVSender(spec, {k: TensorMemory.of(v) for k, v in tensors.items()}, FP,
+        with PackedSender(spec, tensors, FP, slots=4,
                       timeout=120, backend_params=_params(workers)) as tx:
             tx.connect(host, port)
-            plan = [("request", 1)] + [("transfer", p) for p in parts]
+            plan = [("request", 1)] + [("transfer", p) for p in parts] + [("packed", 1)]
             for name, (src, dst) in _cases(blocks).items():
                 expect = _digest(spec, tensors, src)
                 for mode, p in plan:
@@ -376,7 +382,8 @@ def run(args: argparse.Namespace) -> int:
     if args.save:
         Path(args.save).mkdir(parents=True, exist_ok=True)
         rows_file = Path(args.save) / f"pd-{device}-w{args.workers}-rows.jsonl"
-    doc = measure(device, args.geometry, tokens, args.repeat, parts, args.workers, rows_file)
+    doc = measure(device, args.geometry, tokens, args.repeat, parts, args.slot_mib, args.workers,
+                  rows_file)
     doc["machine"] = machine(device)
     text = markdown(doc)
     if args.save:

@@ -126,6 +126,10 @@ class NixlEndpoint:
     def info(self) -> PeerInfo:
         return PeerInfo(self.name, self.plan.spec, self.tensors)
 
+    def _info_doc(self) -> dict[str, Any]:
+        """The handshake document this side sends (subclasses may add keys)."""
+        return self.info().to_doc()
+
     def _adopt_peer(self, frame_doc: dict[str, Any], blob: bytes) -> None:
         peer = PeerInfo.from_doc(frame_doc)
         if not same_layout(self.plan.spec, peer.spec):

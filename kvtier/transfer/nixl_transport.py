@@ -95,7 +95,7 @@ class KVReceiver(NixlEndpoint):
                 raise FingerprintMismatch(
                     f"peer namespace {frame.fingerprint.hex()} != {self.fingerprint.hex()}")
             self._adopt_peer(frame.doc, frame.blob)
-            send_frame(conn, ACCEPT, self.fingerprint, self.info().to_doc(),
+            send_frame(conn, ACCEPT, self.fingerprint, self._info_doc(),
                        self.agent.get_agent_metadata())
         except BaseException:
             conn.close()
@@ -107,6 +107,10 @@ class KVReceiver(NixlEndpoint):
     def close(self) -> None:
         self._listener.close()
         super().close()
+
+    def _busy(self) -> bool:
+        """True while this side has work that a sleep would delay (subclasses)."""
+        return False
 
     def _drain(self) -> None:
         for msgs in self.agent.get_new_notifs().values():
@@ -138,7 +142,10 @@ class KVReceiver(NixlEndpoint):
                 raise PeerGone(f"prefill peer left before request {request_id} arrived")
             if time.monotonic() > deadline:
                 raise TransferTimeout(f"request {request_id}: no completion before the timeout")
-            time.sleep(_POLL_S)
+            if not self._busy():
+                time.sleep(_POLL_S)
+        if note.get("error"):
+            raise TransferError(f"request {request_id}: {note['error']}")
         if note["fp"] != self.fingerprint:
             raise FingerprintMismatch(f"request {request_id}: KV of namespace {note['fp'].hex()}")
         if note["blocks"] != want:
@@ -164,7 +171,7 @@ class KVSender(NixlEndpoint):
             raise PeerGone(f"cannot reach receiver {host}:{port}: {exc}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            send_frame(sock, HELLO, self.fingerprint, self.info().to_doc(),
+            send_frame(sock, HELLO, self.fingerprint, self._info_doc(),
                        self.agent.get_agent_metadata())
             frame = recv_frame(sock, wait)
             if frame.kind == REJECT:

@@ -1,0 +1,228 @@
+"""The prefill side of packed NIXL transfers (protocol in kvtier.transfer.nixl_packed).
+
+`PackedSender.send_packed` cuts a request into chunks of the receiver's slot size
+(kvtier.transfer.pack_plan), gathers chunk c into local staging slot c % K on a side stream
+(ordered after the caller's current stream, which wrote the KV), WRITEs the slot into the
+receiver's slot c % K with one descriptor, and gathers chunk c + 1 while that write runs. A slot
+is reused only after the local write finished and the receiver said it scattered the chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from kvtier.errors import ConfigError
+from kvtier.transfer.handshake import HandshakeError, PeerGone, TransferError, TransferTimeout
+from kvtier.transfer.nixl_endpoint import TransferReport
+from kvtier.transfer.nixl_packed import (
+    Staging,
+    byte_tensors,
+    message,
+    parse_message,
+    plane_rows,
+    widest,
+)
+from kvtier.transfer.nixl_transport import KVSender
+from kvtier.transfer.pack_plan import chunk_bytes, chunk_plan
+
+_SPIN_S, _POLL_S = 0.02, 0.0002
+
+
+class RemoteStaging(NamedTuple):
+    base: int
+    stride: int
+    slot_bytes: int
+    slots: int
+    device: int
+
+
+def _remote_staging(doc: Any) -> RemoteStaging | None:
+    if doc is None:
+        return None
+    try:
+        vals = [doc[k] for k in RemoteStaging._fields]
+    except (KeyError, TypeError) as exc:
+        raise HandshakeError(f"bad staging entry {doc!r}") from exc
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        raise HandshakeError(f"bad staging entry {doc!r}")
+    st = RemoteStaging(*vals)
+    if st.base <= 0 or st.slot_bytes < 1 or st.slots < 1 or st.stride < st.slot_bytes \
+            or st.device < 0:
+        raise HandshakeError(f"bad staging entry {doc!r}")
+    return st
+
+
+class PackedSender(KVSender):
+    """A KVSender that can also send packed (`send_packed`) to a PackedReceiver. `tensors` are
+    the engine's torch tensors (the gather indexes them). Not thread-safe."""
+
+    def __init__(self, spec: Any, tensors: Mapping[str, torch.Tensor], fingerprint: bytes,
+                 *, slots: int = 4, **kwargs: Any) -> None:
+        super().__init__(spec, byte_tensors(tensors), fingerprint, **kwargs)
+        self.torch_tensors = dict(tensors)
+        self.device = next(iter(tensors.values())).device
+        self.max_slots = slots
+        self.remote_staging: RemoteStaging | None = None
+        self.staging: Staging | None = None  # allocated on the first packed send
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._handles: dict[tuple[int, int], Any] = {}
+
+    def _adopt_peer(self, frame_doc: dict[str, Any], blob: bytes) -> None:
+        staging = _remote_staging(frame_doc.get("staging"))
+        super()._adopt_peer(frame_doc, blob)
+        self.remote_staging = staging
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            # an aborted write may refuse release; the agent reaps it on close
+            with contextlib.suppress(Exception):
+                self.agent.release_xfer_handle(h)
+        self._handles = {}
+        if self.staging is not None:
+            self.staging.close()
+            self.staging = None
+        super().close()
+
+    def _local_staging(self, remote: RemoteStaging) -> Staging:
+        st = self.staging
+        if st is None or st.slot_bytes != remote.slot_bytes:
+            if st is not None:
+                st.close()
+            st = Staging(self.agent, self.mem_type, self.device, remote.slot_bytes,
+                         min(self.max_slots, remote.slots))
+            self.staging = st
+        return st
+
+    def _handle(self, s: int, nbytes: int) -> Any:
+        """A prepared WRITE of local slot s into remote slot s, `nbytes` long (cached)."""
+        h = self._handles.get((s, nbytes))
+        if h is None:
+            assert self.staging is not None and self.remote_staging is not None
+            assert self.peer is not None and self.remote_plan is not None
+            st, rs = self.staging, self.remote_staging
+            local = np.array([(st.base + s * st.stride, nbytes, st.device_id)], np.uint64)
+            remote = np.array([(rs.base + s * rs.stride, nbytes, rs.device)], np.uint64)
+            rtype = "VRAM" if self.remote_plan.regions[0].mem_type == "VRAM" else "DRAM"
+            h = self.agent.initialize_xfer("WRITE", self.agent.get_xfer_descs(local, self.mem_type),
+                                           self.agent.get_xfer_descs(remote, rtype),
+                                           self.peer.agent)
+            self._handles[(s, nbytes)] = h
+        return h
+
+    def send_packed(self, request_id: str, src_blocks: Mapping[int, Sequence[int]],
+                    dst_blocks: Mapping[int, Sequence[int]],
+                    timeout: float | None = None) -> TransferReport:
+        """Move src_blocks into the receiver's dst_blocks through staging slots; return when
+        the receiver has scattered every chunk. Raises ConfigError for bad block ids (before
+        anything moves), TransferError when the receiver refuses the request, PeerGone /
+        TransferTimeout when it does not answer."""
+        if self.peer is None or self.remote_plan is None:
+            raise TransferError("send_packed() before connect()")
+        rs = self.remote_staging
+        if rs is None:
+            raise ConfigError("receiver", self.peer.agent, "a PackedReceiver (it has no staging)")
+        start = time.monotonic()
+        deadline = start + (timeout or self.timeout)
+        src = {int(g): list(v) for g, v in src_blocks.items() if len(v)}
+        dst = {int(g): list(v) for g, v in dst_blocks.items() if len(v)}
+        if sorted(src) != sorted(dst) or any(len(src[g]) != len(dst[g]) for g in src):
+            want = {g: len(v) for g, v in src.items()}
+            raise ConfigError("dst_blocks", {g: len(v) for g, v in dst.items()},
+                              f"as many blocks per group as src: {want}")
+        self.plan.request_descriptors(src)
+        self.remote_plan.request_descriptors(dst)
+        ps, chunks = chunk_plan(self.plan.spec, {g: len(v) for g, v in src.items()},
+                                rs.slot_bytes)
+        st = self._local_staging(rs)
+        total = sum(chunk_bytes(ps, c) for c in chunks)
+        ids = {g: torch.tensor(v, dtype=torch.long, device=self.device) for g, v in src.items()}
+        begin = message("pk", request_id, fp=self.fingerprint.hex(),
+                        ids={str(g): v for g, v in dst.items()}, bytes=total,
+                        slot=rs.slot_bytes, n=len(chunks))
+        if self._stream is not None:  # gathers read what the caller's stream wrote
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        k = st.slots
+        writes: dict[int, Any] = {}  # chunk -> handle in flight
+        freed: set[int] = set()
+        events: dict[int, Any] = {}
+
+        def poll() -> None:
+            for c, h in list(writes.items()):
+                state = self.agent.check_xfer_state(h)
+                if state == "DONE":
+                    del writes[c]
+                elif state != "PROC":
+                    raise TransferError(f"request {request_id}: chunk {c} write {state}")
+            for msgs in self.agent.get_new_notifs().values():
+                for raw in msgs:
+                    doc = parse_message(raw)
+                    if doc is None or doc["req"] != request_id:
+                        continue
+                    if doc["k"] == "pe":
+                        raise TransferError(f"request {request_id}: receiver refused: "
+                                            f"{doc.get('why')}")
+                    if doc["k"] == "pf":
+                        freed.add(doc["c"])
+
+        def wait_for(ready: Any) -> None:
+            spin_until = time.monotonic() + _SPIN_S
+            while True:
+                poll()
+                if ready():
+                    return
+                now = time.monotonic()
+                if now > deadline:
+                    alive = self.peer_alive()
+                    raise (TransferTimeout if alive else PeerGone)(
+                        f"request {request_id}: receiver did not keep up within the timeout"
+                        + ("" if alive else " (receiver gone)"))
+                if now > spin_until:
+                    time.sleep(_POLL_S)
+
+        def gather(c: int) -> None:
+            slot = st.slot(c % k)
+            ctx = torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
+            with ctx:
+                for piece in chunks[c]:
+                    p = ps[piece.plane]
+                    n = piece.hi - piece.lo
+                    out = slot[piece.at : piece.at + n * p.row_bytes].view(n, p.row_bytes)
+                    rows = plane_rows(self.torch_tensors, p, self.plan.spec.num_blocks)
+                    rows, out = widest(rows, out)
+                    torch.index_select(rows, 0, ids[p.group][piece.lo : piece.hi], out=out)
+                if self._stream is not None:
+                    events[c] = torch.cuda.Event()
+                    events[c].record(self._stream)
+
+        try:
+            self.agent.send_notif(self.peer.agent, begin)
+            if chunks:
+                gather(0)
+            for c in range(len(chunks)):
+                ev = events.pop(c, None)
+                if ev is not None:
+                    ev.synchronize()
+                h = self._handle(c % k, chunk_bytes(ps, chunks[c]))
+                state = self.agent.transfer(h, message("pc", request_id, c=c, s=c % k))
+                if state == "ERR":
+                    raise TransferError(f"request {request_id}: chunk {c} write refused")
+                writes[c] = h
+                nxt = c + 1
+                if nxt < len(chunks):
+                    old = nxt - k  # the chunk that last used slot nxt % k
+                    wait_for(lambda old=old: old < 0 or (old not in writes and old in freed))
+                    gather(nxt)
+            wait_for(lambda: not writes and len(freed) == len(chunks))
+        except TransferError:
+            raise
+        except Exception as exc:  # NIXL raises its own error types
+            kind = TransferError if self.peer_alive() else PeerGone
+            raise kind(f"request {request_id}: packed transfer failed: {exc}") from exc
+        return TransferReport(request_id, total, len(chunks), time.monotonic() - start)
