@@ -32,7 +32,7 @@ import torch
 from kvtier.errors import ConfigError
 from kvtier.transfer.handshake import MAX_JSON, VERSION, parse_notification
 from kvtier.transfer.nixl_transport import KVReceiver
-from kvtier.transfer.pack_plan import Piece, Plane, chunk_plan
+from kvtier.transfer.pack_plan import Piece, Plane, check_blocks, chunk_plan
 from kvtier.transfer.registration import TensorMemory
 
 
@@ -182,7 +182,7 @@ class PackedReceiver(KVReceiver):
         if doc["slot"] != self.staging.slot_bytes:
             return self._refuse(doc, f"slot size {doc['slot']} != {self.staging.slot_bytes}")
         try:
-            self.plan.request_descriptors(doc["ids"])  # block ids in range
+            check_blocks(self.plan.spec, doc["ids"])
             ps, chunks = chunk_plan(self.plan.spec, {g: len(v) for g, v in doc["ids"].items()},
                                     self.staging.slot_bytes)
         except ConfigError as exc:

@@ -30,7 +30,7 @@ from kvtier.transfer.nixl_packed import (
     widest,
 )
 from kvtier.transfer.nixl_transport import KVSender
-from kvtier.transfer.pack_plan import chunk_bytes, chunk_plan
+from kvtier.transfer.pack_plan import check_blocks, chunk_bytes, chunk_plan
 
 _SPIN_S, _POLL_S = 0.02, 0.0002
 
@@ -136,8 +136,8 @@ class PackedSender(KVSender):
             want = {g: len(v) for g, v in src.items()}
             raise ConfigError("dst_blocks", {g: len(v) for g, v in dst.items()},
                               f"as many blocks per group as src: {want}")
-        self.plan.request_descriptors(src)
-        self.remote_plan.request_descriptors(dst)
+        check_blocks(self.plan.spec, src)
+        check_blocks(self.remote_plan.spec, dst)
         ps, chunks = chunk_plan(self.plan.spec, {g: len(v) for g, v in src.items()},
                                 rs.slot_bytes)
         st = self._local_staging(rs)
