@@ -135,6 +135,29 @@ def test_packed_blocks_arrive_bit_exact_with_slot_reuse(kind: str) -> None:
         assert got[name] == bytes(expected[name]), f"tensor {name} differs"
 
 
+def test_send_auto_packs_scattered_blocks_and_sends_long_runs_direct() -> None:
+    spec = make_spec("plain")
+    slot = 4 * spec.block_bytes(0)
+    scattered = ({0: [1, 5, 9, 13]}, {0: [2, 6, 10, 14]})
+    run = ({0: [0, 1, 2, 3]}, {0: [20, 21, 22, 23]})
+    proc, out, host, port = _start("plain", [("a", scattered[1]), ("b", run[1])], slot)
+    tx, tensors = _sender("plain", packed_below=3 * spec.block_bytes(0))
+    try:
+        tx.connect(host, port)
+        packed = tx.send_auto("a", *scattered)  # one block per descriptor: below the bar
+        direct = tx.send_auto("b", *run)  # four blocks per descriptor: above it
+        results, got = out.get(timeout=60)
+    finally:
+        tx.close()
+        proc.join(timeout=30)
+    assert packed.descriptors == 4  # chunks of one slot each (4 tensors of 4 blocks)
+    assert direct.descriptors == len(spec.tensors)
+    assert [r[0] for r in results] == ["ok", "ok"]
+    expected = _expected(spec, tensors, [scattered, run])
+    for name in got:
+        assert got[name] == bytes(expected[name]), f"tensor {name} differs"
+
+
 def test_receiver_refuses_out_of_range_blocks_and_a_wrong_slot_size() -> None:
     spec = make_spec("plain")
     slot = 2 * spec.block_bytes(0)
