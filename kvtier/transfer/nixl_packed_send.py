@@ -124,7 +124,7 @@ class PackedSender(KVSender):
         """`send_packed` when the receiver has staging and the request's descriptors would
         average under `packed_below` bytes, else the direct `send`. On 2x H200 32 MiB
         descriptors moved faster direct (81% vs 52% of peer copy) and 0.5 MiB / 64 KiB ones
-        packed (56% vs 12-26%, 19% vs 2-3%): bench/results/pd-h200x2-2026-11-22-run4."""
+        packed (56% vs 12-26%, 19% vs 2-3%): bench/results/pd-h200x2-2026-11-22-run3.md."""
         if self.remote_staging is not None and self._mean_descriptor(src_blocks, dst_blocks) \
                 < self.packed_below:
             return self.send_packed(request_id, src_blocks, dst_blocks, timeout)
