@@ -21,7 +21,9 @@ of "pk" like a direct completion, and `wait` hands the blocks over after the las
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -120,6 +122,7 @@ class _Job:
     ids: dict[int, torch.Tensor]
     done: int = 0
     seen: set[int] = field(default_factory=set)
+    last: float = field(default_factory=time.monotonic)  # last sign of progress
 
 
 class PackedReceiver(KVReceiver):
@@ -135,6 +138,8 @@ class PackedReceiver(KVReceiver):
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._jobs: dict[str, _Job] = {}
         self._early: dict[str, list[dict[str, Any]]] = {}  # chunks that beat their "pk"
+        self._early_at: dict[str, float] = {}
+        self._dropped: dict[str, None] = {}  # refused or abandoned: later chunks are ignored
         self._scattering: list[tuple[Any, str, int, int]] = []  # (event, req, chunk, slot)
 
     def _info_doc(self) -> dict[str, Any]:
@@ -159,13 +164,39 @@ class PackedReceiver(KVReceiver):
                     self._note_direct(raw)
                 elif doc["k"] == "pk":
                     self._begin(doc)
-                elif doc["k"] == "pc":
+                elif doc["k"] == "pc" and doc["req"] not in self._dropped:
                     job = self._jobs.get(doc["req"])
                     if job is None:
                         self._early.setdefault(doc["req"], []).append(doc)
+                        self._early_at.setdefault(doc["req"], time.monotonic())
                     else:
+                        job.last = time.monotonic()
                         self._scatter(job, doc)
         self._reap()
+        self._expire()
+
+    def _tell(self, msg: bytes) -> None:
+        """Notify the sender; a sender that is gone shows up as PeerGone in wait(), not here."""
+        if self.peer is not None:
+            with contextlib.suppress(Exception):  # NIXL raises its own types on disconnect
+                self.agent.send_notif(self.peer.agent, msg)
+
+    def _expire(self) -> None:
+        """Forget requests with no progress for `timeout` (a sender that died mid-request), so
+        their state neither leaks nor keeps this side polling without sleep."""
+        limit = time.monotonic() - self.timeout
+        for req in [r for r, t in self._early_at.items() if t < limit]:
+            self._drop(req)
+        for req in [r for r, j in self._jobs.items() if j.last < limit]:
+            self._drop(req)
+
+    def _drop(self, req: str) -> None:
+        self._jobs.pop(req, None)
+        self._early.pop(req, None)
+        self._early_at.pop(req, None)
+        self._dropped[req] = None
+        while len(self._dropped) > 4096:
+            del self._dropped[next(iter(self._dropped))]
 
     def _note_direct(self, raw: bytes) -> None:
         note = parse_notification(raw)
@@ -173,9 +204,9 @@ class PackedReceiver(KVReceiver):
             self._pending[note["req"]] = note
 
     def _refuse(self, doc: dict[str, Any], why: str) -> None:
+        self._drop(doc["req"])
         self._pending[doc["req"]] = {"req": doc["req"], "error": why}
-        if self.peer is not None:
-            self.agent.send_notif(self.peer.agent, message("pe", doc["req"], why=why))
+        self._tell(message("pe", doc["req"], why=why))
 
     def _begin(self, doc: dict[str, Any]) -> None:
         req = doc["req"]
@@ -197,8 +228,10 @@ class PackedReceiver(KVReceiver):
         self._jobs[req] = job
         if not chunks:
             self._finish(req, job)
+        self._early_at.pop(req, None)
         for early in self._early.pop(req, []):
-            self._scatter(job, early)
+            if req in self._jobs:  # a bad early chunk drops the job
+                self._scatter(job, early)
 
     def _scatter(self, job: _Job, doc: dict[str, Any]) -> None:
         c, s = doc["c"], doc["s"]
@@ -226,8 +259,7 @@ class PackedReceiver(KVReceiver):
             if event is not None and not event.query():
                 keep.append((event, req, c, s))
                 continue
-            if self.peer is not None:
-                self.agent.send_notif(self.peer.agent, message("pf", req, c=c, s=s))
+            self._tell(message("pf", req, c=c, s=s))
             job = self._jobs.get(req)
             if job is not None:
                 job.done += 1

@@ -180,6 +180,39 @@ def test_receiver_refuses_out_of_range_blocks_and_a_wrong_slot_size() -> None:
     assert results[0][0] == "TransferError" and "slot size" in results[0][1]
 
 
+def test_receiver_forgets_abandoned_and_refused_requests() -> None:
+    """State of a request whose sender vanished expires after the timeout (no leak, no busy
+    polling), and chunks of a refused request are ignored."""
+    from kvtier.transfer.nixl_packed import message, parse_message
+
+    spec = make_spec("plain")
+    tensors = {t.name: torch.zeros(t.size_bytes, dtype=torch.uint8) for t in spec.tensors}
+    rx = PackedReceiver(spec, tensors, FP, slot_bytes=spec.block_bytes(0), slots=2, timeout=5)
+    try:
+        begin = message("pk", "gone", fp=FP.hex(), ids={"0": [1, 2]},
+                        bytes=2 * spec.request_block_bytes(0), slot=spec.block_bytes(0), n=8)
+        doc = parse_message(begin)
+        assert doc is not None
+        rx._begin(doc)
+        assert rx._busy() and "gone" in rx._jobs
+        rx._jobs["gone"].last -= 10  # no progress for longer than the timeout
+        rx._expire()
+        assert not rx._busy() and "gone" in rx._dropped
+        bad = parse_message(message("pk", "bad", fp=FP.hex(), ids={"0": [1]}, bytes=1,
+                                    slot=7, n=1))
+        assert bad is not None
+        rx._begin(bad)
+        assert rx._pending["bad"]["error"].startswith("slot size") and not rx._busy()
+        early = parse_message(message("pc", "late", c=0, s=0))
+        assert early is not None
+        rx._early.setdefault("late", []).append(early)
+        rx._early_at["late"] = time.monotonic() - 10
+        rx._expire()
+        assert not rx._busy()
+    finally:
+        rx.close()
+
+
 def _doomed_receiver(q: Any) -> None:
     spec = make_spec("big")
     tensors = {t.name: torch.zeros(t.size_bytes, dtype=torch.uint8) for t in spec.tensors}
