@@ -128,6 +128,13 @@ class ThreadedTier(SecondaryTier):
 
     Subclasses implement the blocking `_store_batch`, `_load_batch`, `_contains_batch` and
     `_remove_batch`; each returns one bool per item (or raises, failing the whole batch).
+
+    Verification: `_load_verified` loads a batch and checks every page that arrived through
+    `_verify_page`, the one blob check (kvtier.keys.verify). By default it runs `_load_batch`
+    and then checks the pages in order. A tier whose I/O can overlap the check (verify page i
+    while later pages are still arriving) overrides `_load_verified`; it still checks every
+    page it reports ok through `_verify_page`, and returns the keys that failed, which `_run`
+    counts, removes from the tier and reports as failed exactly as for any other tier.
     """
 
     def __init__(
@@ -192,24 +199,48 @@ class ThreadedTier(SecondaryTier):
             self._jobs[job_id] = self._pool.submit(self._run, job_id, op, items)
             return job_id
 
+    def _verify_page(self, key: PageKey, buf: memoryview) -> bool:
+        """The blob check of every loaded page: True if `buf` holds the sealed page of `key` in
+        this tier's namespace; False (logged) if it does not, and the caller must report the
+        key as corrupt (see `_load_verified`)."""
+        try:
+            verify(buf, self.ctx.fingerprint, key, self.ctx.payload_bytes)
+        except BlobError as exc:
+            log.warning("tier %s: dropping corrupt page %s: %s", self.name, key.hex(), exc)
+            return False
+        return True
+
+    def _verify_loaded(self, items: Sequence[Item], flags: list[bool]) -> list[PageKey]:
+        """Check every page flagged as arrived; clear the flag of each corrupt one and return
+        their keys."""
+        corrupt: list[PageKey] = []
+        for i, (key, buf) in enumerate(items):
+            if flags[i] and not self._verify_page(key, buf):
+                flags[i] = False
+                corrupt.append(key)
+        return corrupt
+
+    def _load_verified(self, items: Sequence[Item]) -> tuple[list[bool], list[PageKey]]:
+        """Load `items` and verify them: (one flag per item, true only for a page that arrived
+        and passed `_verify_page`; the keys of pages that arrived corrupt). Raising fails the
+        whole batch. An override must not return while its I/O can still write into a slot."""
+        flags = self._load_batch(items)
+        return flags, self._verify_loaded(items, flags)
+
     def _run(self, job_id: int, op: Op, items: list[Item]) -> JobResult:
         start = time.perf_counter()
+        corrupt: list[PageKey] = []
         try:
-            flags = self._store_batch(items) if op == "store" else self._load_batch(items)
+            if op == "store":
+                flags = self._store_batch(items)
+            else:
+                flags, corrupt = self._load_verified(items)
         except Exception as exc:
             self._fault(op, exc)
-            flags = [False] * len(items)
+            flags, corrupt = [False] * len(items), []
         ok: list[PageKey] = []
         failed: list[PageKey] = []
-        corrupt: list[PageKey] = []
-        for (key, buf), good in zip(items, flags, strict=True):
-            if good and op == "load":
-                try:
-                    verify(buf, self.ctx.fingerprint, key, self.ctx.payload_bytes)
-                except BlobError as exc:
-                    log.warning("tier %s: dropping corrupt page %s: %s", self.name, key.hex(), exc)
-                    corrupt.append(key)
-                    good = False
+        for (key, _), good in zip(items, flags, strict=True):
             (ok if good else failed).append(key)
         if corrupt:
             try:
