@@ -42,7 +42,7 @@ vllm() {
 servers() {
   core
   apt_install redis-server libibverbs1 ibverbs-providers
-  have_py redis || $PIP "redis>=5.0"
+  have_py redis || $PIP "redis>=5.3"
   have_py mooncake.store || $PIP "mooncake-transfer-engine-non-cuda>=0.3.13" "$TORCH"
 }
 

@@ -4,21 +4,33 @@ Key names are `<prefix><page key hex>`; page keys already carry the namespace, s
 different models can share one server and never see each other's pages.
 
 Copies: a store sends each slot's memoryview as it is (redis-py's Python serializer passes
-memoryviews to sendall without joining them into one buffer). A load copies the bytes redis-py
-returns into the slot: redis-py always materializes a reply as a bytes object, so that one copy
-is unavoidable with this client.
+memoryviews to sendall without joining them into one buffer). A load reads the replies itself
+(`_Replies`): each value goes from the socket straight into its slot with recv_into, and is
+verified right after it lands, while it is still in cache and while the server keeps sending
+the next values into the socket buffer. redis-py would materialize every value as a bytes
+object (its Python reader even joins and slices it a few times), which the tier would then
+have to copy into the slot: for 2 MiB pages that costs more than the transfer. Load connections
+come from a pool of their own (RESP2, so no push messages can interleave) and are only ever
+read by `_Replies`; any surprise in a reply drops the connection rather than reuse it.
 
-Faults: connect and socket timeouts bound every call; the client retries once without backoff
-(a pooled connection broken by a server restart is replaced on the retry) and then fails the
-batch, so a dead or hung server gives failed keys within about `socket_timeout_s` rather than a
-hang. After a fault every call fails at once for `retry_after_s`, so a hung server costs one
-timeout, not one per lookup. The connection pool reconnects on its own when the server is back.
+Tried and dropped: a larger socket_read_size (1-4 MiB) and the hiredis parser still build one
+bytes object per value, which then has to be copied into the slot (the tier stayed at 50-70% of a
+client that discards the values). hiredis also slows stores 3-4x: redis-py packs commands with it
+by copying each memoryview into bytes and then into one command buffer. Two jobs reading in
+parallel on two connections were no faster than one against a loopback server.
+
+Faults: connect and socket timeouts bound every call; a call retries once without backoff (a
+pooled connection broken by a server restart is replaced on the retry; a load retries only if
+no reply byte had arrived) and then fails the batch, so a dead or hung server gives failed keys
+within about `socket_timeout_s` rather than a hang. After a fault every call fails at once for
+`retry_after_s`, so a hung server costs one timeout, not one per lookup. The connection pools
+reconnect on their own when the server is back.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from kvtier.errors import ConfigError
@@ -26,6 +38,96 @@ from kvtier.keys import PageKey
 from kvtier.tiers.base import Item, ThreadedTier, TierContext, TierStats
 from kvtier.tiers.options import Cooldown, Options, drop_corrupt
 from kvtier.tiers.registry import register_tier
+
+_READ = 64 << 10  # socket read size for reply headers and skipped values
+
+
+_Check = Callable[[PageKey, memoryview], bool]
+_Read = tuple[list[bool], list[PageKey], list[PageKey], list[PageKey]]  # ok, corrupt, gone, wrong
+
+
+class ReplyError(Exception):
+    """A reply that does not fit the command sent; the connection is dropped."""
+
+
+class _Retry(Exception):
+    """A load failed before any reply arrived, on a connection the server may have dropped."""
+
+
+class _Replies:
+    """RESP2 replies read from one socket; bulk values of the expected size land in place."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._pending = bytearray()  # received, not yet parsed
+        self._scratch = bytearray(_READ)
+        self.received = 0  # bytes read from the socket so far
+
+    def _recv(self, into: memoryview) -> int:
+        n = int(self._sock.recv_into(into))
+        if n == 0:
+            raise ConnectionError("connection closed by the server")
+        self.received += n
+        return n
+
+    def _more(self) -> None:
+        n = self._recv(memoryview(self._scratch))
+        self._pending += memoryview(self._scratch)[:n]
+
+    def line(self) -> bytes:
+        while True:
+            end = self._pending.find(b"\r\n")
+            if end >= 0:
+                out = bytes(self._pending[:end])
+                del self._pending[: end + 2]
+                return out
+            if len(self._pending) > _READ:
+                raise ReplyError("reply header longer than 64 KiB")
+            self._more()
+
+    def array(self) -> int:
+        head = self.line()
+        if head[:1] == b"-":
+            raise ReplyError(head[1:].decode(errors="replace"))
+        if head[:1] != b"*":
+            raise ReplyError(f"expected an array reply, got {head[:40]!r}")
+        return int(head[1:])
+
+    def value_into(self, buf: memoryview) -> int | str:
+        """Read one reply to a GET. A value of exactly len(buf) bytes is written into `buf`;
+        one of any other length is skipped. Returns the value's length (-1: no such key), or
+        the text of an error reply."""
+        head = self.line()
+        kind = head[:1]
+        if kind == b"-":
+            return head[1:].decode(errors="replace")
+        if kind != b"$":
+            raise ReplyError(f"expected a bulk reply, got {head[:40]!r}")
+        size = int(head[1:])
+        if size < 0:
+            return -1
+        if size != len(buf):
+            self._skip(size + 2)
+            return size
+        done = min(size, len(self._pending))
+        buf[:done] = self._pending[:done]
+        del self._pending[:done]
+        while done < size:
+            done += self._recv(buf[done:])
+        while len(self._pending) < 2:
+            self._more()
+        if self._pending[:2] != b"\r\n":
+            raise ReplyError("bulk value not followed by CRLF")
+        del self._pending[:2]
+        return size
+
+    def _skip(self, nbytes: int) -> None:
+        drop = min(nbytes, len(self._pending))
+        del self._pending[:drop]
+        nbytes -= drop
+        view = memoryview(self._scratch)
+        while nbytes > 0:
+            nbytes -= self._recv(view[: min(nbytes, len(view))])
 
 
 class RedisTier(ThreadedTier):
@@ -57,7 +159,7 @@ class RedisTier(ThreadedTier):
             from redis.retry import Retry
         except ImportError as exc:
             raise ConfigError(
-                f"tiers.{name}.kind", kind, "an installed client: pip install 'redis>=5'"
+                f"tiers.{name}.kind", kind, "an installed client: pip install 'redis>=5.3'"
             ) from exc
         super().__init__(name, ctx, threads=threads, max_inflight=max_inflight)
         self.kind = kind
@@ -65,14 +167,21 @@ class RedisTier(ThreadedTier):
         self._prefix = prefix.encode()
         self._ttl = None if ttl_s is None else max(1, round(ttl_s))
         self._errors = (redis.RedisError, OSError)
+        common: dict[str, Any] = {
+            "socket_connect_timeout": connect_timeout_s,
+            "socket_timeout": socket_timeout_s,
+            "retry": Retry(NoBackoff(), 1),
+        }
         try:
             self._client = redis.Redis.from_url(
-                url,
-                socket_connect_timeout=connect_timeout_s,
-                socket_timeout=socket_timeout_s,
-                retry=Retry(NoBackoff(), 1),
-                health_check_interval=30,
-                max_connections=threads + 4,
+                url, max_connections=threads + 4, health_check_interval=30, **common
+            )
+            # Read only by _Replies. RESP2: the replies are exactly the commands' own. No health
+            # check PING: the pool already replaces a connection the server closed, and a load
+            # that fails before any reply arrives is retried once (redis-py 5.3 also loops on a
+            # health check that times out while it connects).
+            self._loads = redis.ConnectionPool.from_url(
+                url, protocol=2, max_connections=threads + 2, **common
             )
         except ValueError as exc:
             raise ConfigError(f"tiers.{name}.url", url, f"a redis:// URL ({exc})") from exc
@@ -110,33 +219,74 @@ class RedisTier(ThreadedTier):
         return flags
 
     def _load_batch(self, items: Sequence[Item]) -> list[bool]:
+        return self._read(items, None)[0]
+
+    def _load_verified(self, items: Sequence[Item]) -> tuple[list[bool], list[PageKey]]:
+        return self._read(items, self._verify_page)
+
+    def _read(
+        self, items: Sequence[Item], check: _Check | None
+    ) -> tuple[list[bool], list[PageKey]]:
+        """GET every item's value straight into its slot; with `check`, verify each page as
+        soon as it has landed. Returns (flags, corrupt keys)."""
         self._cooldown.check(self.url)
-        names = [self._name(k) for k, _ in items]
-        values: list[Any]
-        if self._ttl is not None:  # a hit renews the page's lease on life
-            pipe = self._client.pipeline(transaction=False)
-            for n in names:
-                pipe.getex(n, ex=self._ttl)
-            values = pipe.execute(raise_on_error=False)
-        else:
-            values = self._client.mget(names)
-        flags = [False] * len(items)
-        gone: list[PageKey] = []
-        wrong: list[PageKey] = []
-        for i, ((key, buf), value) in enumerate(zip(items, values)):
-            if value is None:
-                gone.append(key)
-            elif isinstance(value, bytes):
-                if len(value) == len(buf):
-                    buf[:] = value  # the one copy: reply bytes -> host slot
-                    flags[i] = True
-                else:
-                    wrong.append(key)
+        if not items:
+            return [], []
+        try:
+            got = self._read_once(items, check, retry=True)
+        except _Retry:  # the server dropped a pooled connection (restart): once more, fresh
+            got = self._read_once(items, check, retry=False)
+        flags, corrupt, gone, wrong = got
         with self._known_lock:
             self._known.difference_update(gone)
         self._recovered()
         drop_corrupt(self, wrong, "value of the wrong length")
-        return flags
+        return flags, corrupt
+
+    def _read_once(self, items: Sequence[Item], check: _Check | None, *, retry: bool) -> _Read:
+        names = [self._name(k) for k, _ in items]
+        conn = self._loads.get_connection()
+        replies = None
+        try:
+            if self._ttl is None:
+                conn.send_packed_command(conn.pack_command("MGET", *names))
+            else:  # a hit renews the page's lease on life
+                conn.send_packed_command(
+                    conn.pack_commands([("GETEX", n, "EX", self._ttl) for n in names])
+                )
+            replies = _Replies(conn._sock)
+            return self._read_replies(replies, items, check)
+        except BaseException as exc:
+            conn.disconnect()  # the reply stream is in an unknown state: never reuse it
+            fresh = replies is None or replies.received == 0
+            if retry and fresh and isinstance(exc, self._errors):
+                raise _Retry from exc
+            raise
+        finally:
+            self._loads.release(conn)
+
+    def _read_replies(
+        self, replies: _Replies, items: Sequence[Item], check: _Check | None
+    ) -> _Read:
+        if self._ttl is None and replies.array() != len(items):
+            raise ReplyError("MGET answered with a different number of values")
+        flags = [False] * len(items)
+        corrupt: list[PageKey] = []
+        gone: list[PageKey] = []
+        wrong: list[PageKey] = []
+        for i, (key, buf) in enumerate(items):
+            size = replies.value_into(buf)
+            if size == len(buf):
+                if check is None or check(key, buf):
+                    flags[i] = True
+                else:
+                    corrupt.append(key)
+            elif size == -1:
+                gone.append(key)
+            elif isinstance(size, int):
+                wrong.append(key)
+            # an error reply (e.g. WRONGTYPE: another client's value there) is a plain miss
+        return flags, corrupt, gone, wrong
 
     def _remove_batch(self, keys: Sequence[PageKey]) -> None:
         with self._known_lock:
@@ -164,6 +314,7 @@ class RedisTier(ThreadedTier):
     def close(self) -> None:
         super().close()
         self._client.close()
+        self._loads.disconnect()
 
 
 def _make(kind: str, name: str, options: Mapping[str, Any], ctx: TierContext) -> RedisTier:

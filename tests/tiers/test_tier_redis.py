@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -10,6 +11,7 @@ from tierkit import Pages, run
 
 from kvtier.errors import ConfigError
 from kvtier.keys import pack
+from kvtier.tiers import redis as redis_tier
 from kvtier.tiers.redis import RedisTier
 from kvtier.tiers.registry import make_tier
 
@@ -82,6 +84,104 @@ def test_damaged_value_is_a_counted_miss_and_removed(server: RedisServer, damage
     assert client.exists(name) == 0
     assert tier.stats().corrupt == 1 and keys[1] in tier.take_removed()
     tier.check_integrity()
+    tier.close()
+
+
+@pytest.mark.parametrize("ttl_s", [None, 60])
+def test_bad_pages_mid_batch_fail_alone(server: RedisServer, ttl_s: int | None) -> None:
+    """Values are read straight into their slots and verified one by one: a corrupt, short,
+    missing or foreign-typed value in the middle of a batch fails only its own key, and the
+    load connection stays in step for the next batch."""
+    pages = Pages(num_slots=40, payload_bytes=256 << 10)  # values span many socket reads
+    tier = make(pages, server, ttl_s=ttl_s)
+    keys = [Pages.key(i) for i in range(12)]
+    assert run(tier, "store", pages.items(keys)).ok == tuple(keys)
+    client = redis.Redis.from_url(server.url)
+    name = [b"kvtier:" + k.hex().encode() for k in keys]
+    flipped = bytearray(client.get(name[3]))
+    flipped[-100] ^= 0x40
+    client.set(name[3], bytes(flipped))
+    client.set(name[5], client.get(name[5])[:-1])  # short: skipped without reading it in
+    client.set(name[6], client.get(name[6]) + b"x")  # long: skipped as well
+    client.delete(name[8])
+    client.delete(name[10])
+    client.rpush(name[10], b"not a page")  # WRONGTYPE for GETEX, nil for MGET
+    res = run(tier, "load", pages.empty(keys, first_slot=16))
+    bad = {3, 5, 6, 8, 10}
+    assert res.ok == tuple(k for i, k in enumerate(keys) if i not in bad)
+    assert res.failed == tuple(keys[i] for i in sorted(bad))
+    assert all(pages.holds(k, 16 + i) for i, k in enumerate(keys) if i not in bad)
+    assert tier.stats().corrupt == 3  # bit flip, short, long; missing and foreign are misses
+    assert set(tier.take_removed()) == {keys[3], keys[5], keys[6]}
+    assert [client.exists(name[i]) for i in (3, 5, 6)] == [0, 0, 0]
+    assert client.exists(name[10]) == 1  # another client's value is left alone
+    assert tier.stats().errors == 0
+    good = [k for i, k in enumerate(keys) if i not in bad]
+    res = run(tier, "load", pages.empty(good, first_slot=16))
+    assert res.ok == tuple(good) and all(pages.holds(k, 16 + i) for i, k in enumerate(good))
+    tier.check_integrity()
+    tier.close()
+
+
+def test_load_after_restart_is_a_miss_not_a_fault(server: RedisServer) -> None:
+    pages = Pages()
+    tier = make(pages, server)
+    keys = [Pages.key(i) for i in range(4)]
+    run(tier, "store", pages.items(keys))
+    assert run(tier, "load", pages.empty(keys, first_slot=8)).ok == tuple(keys)
+    server.restart()  # the pooled load connection now points at a dead socket
+    res = run(tier, "load", pages.empty(keys, first_slot=8))
+    assert res.ok == () and res.failed == tuple(keys)  # the new server is empty: misses
+    assert tier.stats().errors == 0
+    assert run(tier, "store", pages.items(keys)).ok == tuple(keys)
+    assert run(tier, "load", pages.empty(keys, first_slot=8)).ok == tuple(keys)
+    tier.check_integrity()
+    tier.close()
+
+
+def test_load_retries_once_when_the_connection_drops_before_any_reply(
+    server: RedisServer,
+) -> None:
+    """The pool hands out a connection the server has just dropped (a restart racing the
+    pool's own check): the load is sent again on a fresh connection instead of failing."""
+    pages = Pages()
+    tier = make(pages, server)
+    keys = [Pages.key(i) for i in range(4)]
+    run(tier, "store", pages.items(keys))
+    handed = []
+    drops = [1]  # connections to drop before handing them out
+    get_connection = tier._loads.get_connection
+
+    def dropped_first() -> object:
+        conn = get_connection()
+        if drops[0]:
+            drops[0] -= 1
+            conn._sock.shutdown(socket.SHUT_RDWR)
+        handed.append(conn)
+        return conn
+
+    tier._loads.get_connection = dropped_first  # type: ignore[method-assign]
+    res = run(tier, "load", pages.empty(keys, first_slot=8))
+    assert len(handed) == 2 and res.ok == tuple(keys)
+    assert all(pages.holds(k, 8 + i) for i, k in enumerate(keys))
+    assert tier.stats().errors == 0
+    # a drop after the first reply bytes is not retried: the batch fails as one fault
+    handed.clear()
+    real_recv = redis_tier._Replies._recv
+    calls = []
+
+    def drop_later(self: redis_tier._Replies, into: memoryview) -> int:
+        calls.append(1)
+        if len(calls) == 3:
+            raise ConnectionResetError("dropped mid-reply")
+        return real_recv(self, into)
+
+    redis_tier._Replies._recv = drop_later  # type: ignore[method-assign]
+    try:
+        res = run(tier, "load", pages.empty(keys, first_slot=8))
+    finally:
+        redis_tier._Replies._recv = real_recv  # type: ignore[method-assign]
+    assert res.ok == () and len(handed) == 1 and tier.stats().errors == 1
     tier.close()
 
 
