@@ -18,6 +18,15 @@ probed first, since the client's own setup retries for about 90 s against a dead
 it is ready every batch fails fast as a counted miss. After a master restart the client
 reconnects by itself; pages the old master knew are gone and load as misses.
 
+Loads: batch_get_into copies each blob into its slot and the base class then verifies every
+page, a checksum pass over the bytes. From this process's own segment the copy is a memcpy on the
+client's transfer thread (~16 GB/s on a 2-core machine) and both passes are bound by memory
+bandwidth, so verification costs a load about a fifth against the raw client. Tried and dropped,
+as no gain showed beyond the run-to-run noise (20+ bench runs each): fetching a batch in 2- to
+8-page chunks on several threads and verifying each chunk as soon as it landed (over tcp to
+another node every extra batch_get_into costs milliseconds, which made such loads 10-40%
+slower); verifying one batch on two threads; verifying the most recently copied pages first.
+
 Listeners: the master is started with every listener on loopback in the tests; the client's
 transfer engine listens on all interfaces (a P2P handshake port and a tcp data port), which the
 client library does not let us change.
