@@ -85,7 +85,9 @@ class Pages:
                 raise AssertionError(f"page {i} loaded wrong bytes")
 
     def scrub_targets(self) -> None:
-        self.pool.tensor[self.n :].fill_(0)
+        # numpy, not torch: torch's OpenMP workers keep spinning after a fill_ and take one of
+        # a small machine's cores from the timed pass that follows (measured on 2 cores)
+        self.pool.tensor[self.n :].numpy().fill(0)
 
 
 def np_addr(buf: memoryview) -> int:

@@ -115,7 +115,7 @@ class DiskTier(SlotTier):
         runs = self._runs(op, pairs)
         try:
             if op == "READ":
-                if _WILLNEED and len(runs) > 1:  # queue every run at once: the device sees depth
+                if _WILLNEED:  # the whole batch queued at once, not readahead-window by window
                     for r in runs:
                         os.posix_fadvise(r.fd, r.offset, r.nbytes, _WILLNEED)
                 for r in runs:
