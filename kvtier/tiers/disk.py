@@ -17,12 +17,16 @@ Durability: slots are overwritten in place. With `fsync: true` each batch's slab
 flushed (fdatasync) before the batch is reported stored. A crash mid-write leaves a torn slot
 whose checksum fails: a counted miss on load, then removed - never wrong KV.
 
-I/O runs on the ThreadedTier pool (4 threads by default, so several jobs read or flush at once).
+I/O runs on the ThreadedTier pool (4 threads by default): stores write and flush in parallel
+(their fdatasyncs overlap); loads take turns reading, so the device sees one sequential stream
+at a time while the other jobs verify what they read (measured on the test VM: 83-95% of a
+sequential read, against 54-108% with four jobs reading at once).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -65,6 +69,8 @@ class DiskTier(SlotTier):
         self._read_pad = memoryview(bytearray(gap))  # scratch: concurrent reads may share it
         self._write_pad = memoryview(bytes(gap))  # zeros between adjacent blobs
         self._max_run = max(1, min(_IOV_MAX // 2, _RUN_BYTES // slabs.slot_bytes))
+        # one job reads at a time (the device sees one sequential stream); the others verify
+        self._read_lock = threading.Lock()
         self._fds: list[int] = []
         try:
             self._fds = open_slab_files(slabs)
@@ -115,14 +121,15 @@ class DiskTier(SlotTier):
         runs = self._runs(op, pairs)
         try:
             if op == "READ":
-                if _WILLNEED:  # the whole batch queued at once, not readahead-window by window
+                with self._read_lock:
+                    if _WILLNEED:  # the whole batch queued at once, not window by window
+                        for r in runs:
+                            os.posix_fadvise(r.fd, r.offset, r.nbytes, _WILLNEED)
                     for r in runs:
-                        os.posix_fadvise(r.fd, r.offset, r.nbytes, _WILLNEED)
-                for r in runs:
-                    n = os.preadv(r.fd, r.iov, r.offset)
-                    if n != r.nbytes:
-                        raise SlotIOError(f"short read at {r.offset}: {n} of {r.nbytes} bytes "
-                                          "(slab file truncated)")
+                        n = os.preadv(r.fd, r.iov, r.offset)
+                        if n != r.nbytes:
+                            raise SlotIOError(f"short read at {r.offset}: {n} of {r.nbytes} "
+                                              "bytes (slab file truncated)")
                 return
             for r in runs:
                 _pwrite_all(r.fd, r.iov, r.offset)
