@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import importlib
 import itertools
+import logging
 import os
 import select
 import socket
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
@@ -51,10 +53,20 @@ def load_nixl() -> Any:
     """The NIXL Python API module (`nixl`, else the `nixl_cu13` / `nixl_cu12` wheels)."""
     for name in ("nixl._api", "nixl_cu13._api", "nixl_cu12._api"):
         try:
-            return importlib.import_module(name)
+            api = importlib.import_module(name)
         except ImportError:
             continue
+        _logs_to_stderr()
+        return api
     raise ConfigError("transport", "nixl", "the nixl package: pip install --no-deps nixl-cu12")
+
+
+def _logs_to_stderr() -> None:
+    """NIXL's Python logger writes to stdout; move it to stderr so that a command's stdout
+    (e.g. `kvtier bench tiers --json`) stays its own output."""
+    for handler in logging.getLogger("nixl").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
 
 
 @dataclass(frozen=True)
