@@ -5,13 +5,13 @@ different models can share one server and never see each other's pages.
 
 Copies: a store sends each slot's memoryview as it is (redis-py's Python serializer passes
 memoryviews to sendall without joining them into one buffer). A load reads the replies itself
-(`_Replies`): each value goes from the socket straight into its slot with recv_into, and is
+(kvtier.tiers.resp): each value goes from the socket straight into its slot with recv_into, and is
 verified right after it lands, while it is still in cache and while the server keeps sending
 the next values into the socket buffer. redis-py would materialize every value as a bytes
 object (its Python reader even joins and slices it a few times), which the tier would then
 have to copy into the slot: for 2 MiB pages that costs more than the transfer. Load connections
 come from a pool of their own (RESP2, so no push messages can interleave) and are only ever
-read by `_Replies`; any surprise in a reply drops the connection rather than reuse it.
+read by `Replies`; any surprise in a reply drops the connection rather than reuse it.
 
 Tried and dropped: a larger socket_read_size (1-4 MiB) and the hiredis parser still build one
 bytes object per value, which then has to be copied into the slot (the tier stayed at 50-70% of a
@@ -38,96 +38,10 @@ from kvtier.keys import PageKey
 from kvtier.tiers.base import Item, ThreadedTier, TierContext, TierStats
 from kvtier.tiers.options import Cooldown, Options, drop_corrupt
 from kvtier.tiers.registry import register_tier
-
-_READ = 64 << 10  # socket read size for reply headers and skipped values
-
+from kvtier.tiers.resp import LoadRetry, Replies, ReplyError
 
 _Check = Callable[[PageKey, memoryview], bool]
 _Read = tuple[list[bool], list[PageKey], list[PageKey], list[PageKey]]  # ok, corrupt, gone, wrong
-
-
-class ReplyError(Exception):
-    """A reply that does not fit the command sent; the connection is dropped."""
-
-
-class _Retry(Exception):
-    """A load failed before any reply arrived, on a connection the server may have dropped."""
-
-
-class _Replies:
-    """RESP2 replies read from one socket; bulk values of the expected size land in place."""
-
-    def __init__(self, sock: Any) -> None:
-        self._sock = sock
-        self._pending = bytearray()  # received, not yet parsed
-        self._scratch = bytearray(_READ)
-        self.received = 0  # bytes read from the socket so far
-
-    def _recv(self, into: memoryview) -> int:
-        n = int(self._sock.recv_into(into))
-        if n == 0:
-            raise ConnectionError("connection closed by the server")
-        self.received += n
-        return n
-
-    def _more(self) -> None:
-        n = self._recv(memoryview(self._scratch))
-        self._pending += memoryview(self._scratch)[:n]
-
-    def line(self) -> bytes:
-        while True:
-            end = self._pending.find(b"\r\n")
-            if end >= 0:
-                out = bytes(self._pending[:end])
-                del self._pending[: end + 2]
-                return out
-            if len(self._pending) > _READ:
-                raise ReplyError("reply header longer than 64 KiB")
-            self._more()
-
-    def array(self) -> int:
-        head = self.line()
-        if head[:1] == b"-":
-            raise ReplyError(head[1:].decode(errors="replace"))
-        if head[:1] != b"*":
-            raise ReplyError(f"expected an array reply, got {head[:40]!r}")
-        return int(head[1:])
-
-    def value_into(self, buf: memoryview) -> int | str:
-        """Read one reply to a GET. A value of exactly len(buf) bytes is written into `buf`;
-        one of any other length is skipped. Returns the value's length (-1: no such key), or
-        the text of an error reply."""
-        head = self.line()
-        kind = head[:1]
-        if kind == b"-":
-            return head[1:].decode(errors="replace")
-        if kind != b"$":
-            raise ReplyError(f"expected a bulk reply, got {head[:40]!r}")
-        size = int(head[1:])
-        if size < 0:
-            return -1
-        if size != len(buf):
-            self._skip(size + 2)
-            return size
-        done = min(size, len(self._pending))
-        buf[:done] = self._pending[:done]
-        del self._pending[:done]
-        while done < size:
-            done += self._recv(buf[done:])
-        while len(self._pending) < 2:
-            self._more()
-        if self._pending[:2] != b"\r\n":
-            raise ReplyError("bulk value not followed by CRLF")
-        del self._pending[:2]
-        return size
-
-    def _skip(self, nbytes: int) -> None:
-        drop = min(nbytes, len(self._pending))
-        del self._pending[:drop]
-        nbytes -= drop
-        view = memoryview(self._scratch)
-        while nbytes > 0:
-            nbytes -= self._recv(view[: min(nbytes, len(view))])
 
 
 class RedisTier(ThreadedTier):
@@ -176,7 +90,7 @@ class RedisTier(ThreadedTier):
             self._client = redis.Redis.from_url(
                 url, max_connections=threads + 4, health_check_interval=30, **common
             )
-            # Read only by _Replies. RESP2: the replies are exactly the commands' own. No health
+            # Read only by Replies. RESP2: the replies are exactly the commands' own. No health
             # check PING: the pool already replaces a connection the server closed, and a load
             # that fails before any reply arrives is retried once (redis-py 5.3 also loops on a
             # health check that times out while it connects).
@@ -234,7 +148,7 @@ class RedisTier(ThreadedTier):
             return [], []
         try:
             got = self._read_once(items, check, retry=True)
-        except _Retry:  # the server dropped a pooled connection (restart): once more, fresh
+        except LoadRetry:  # the server dropped a pooled connection (restart): once more, fresh
             got = self._read_once(items, check, retry=False)
         flags, corrupt, gone, wrong = got
         with self._known_lock:
@@ -254,19 +168,19 @@ class RedisTier(ThreadedTier):
                 conn.send_packed_command(
                     conn.pack_commands([("GETEX", n, "EX", self._ttl) for n in names])
                 )
-            replies = _Replies(conn._sock)
+            replies = Replies(conn._sock)
             return self._read_replies(replies, items, check)
         except BaseException as exc:
             conn.disconnect()  # the reply stream is in an unknown state: never reuse it
             fresh = replies is None or replies.received == 0
             if retry and fresh and isinstance(exc, self._errors):
-                raise _Retry from exc
+                raise LoadRetry from exc
             raise
         finally:
             self._loads.release(conn)
 
     def _read_replies(
-        self, replies: _Replies, items: Sequence[Item], check: _Check | None
+        self, replies: Replies, items: Sequence[Item], check: _Check | None
     ) -> _Read:
         if self._ttl is None and replies.array() != len(items):
             raise ReplyError("MGET answered with a different number of values")

@@ -11,7 +11,7 @@ from tierkit import Pages, run
 
 from kvtier.errors import ConfigError
 from kvtier.keys import pack
-from kvtier.tiers import redis as redis_tier
+from kvtier.tiers import resp
 from kvtier.tiers.redis import RedisTier
 from kvtier.tiers.registry import make_tier
 
@@ -167,20 +167,20 @@ def test_load_retries_once_when_the_connection_drops_before_any_reply(
     assert tier.stats().errors == 0
     # a drop after the first reply bytes is not retried: the batch fails as one fault
     handed.clear()
-    real_recv = redis_tier._Replies._recv
+    real_recv = resp.Replies._recv
     calls = []
 
-    def drop_later(self: redis_tier._Replies, into: memoryview) -> int:
+    def drop_later(self: resp.Replies, into: memoryview) -> int:
         calls.append(1)
         if len(calls) == 3:
             raise ConnectionResetError("dropped mid-reply")
         return real_recv(self, into)
 
-    redis_tier._Replies._recv = drop_later  # type: ignore[method-assign]
+    resp.Replies._recv = drop_later  # type: ignore[method-assign]
     try:
         res = run(tier, "load", pages.empty(keys, first_slot=8))
     finally:
-        redis_tier._Replies._recv = real_recv  # type: ignore[method-assign]
+        resp.Replies._recv = real_recv  # type: ignore[method-assign]
     assert res.ok == () and len(handed) == 1 and tier.stats().errors == 1
     tier.close()
 
