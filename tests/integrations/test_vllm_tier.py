@@ -94,10 +94,11 @@ def test_damaged_page_is_a_failed_load_not_wrong_bytes(tmp_path: Path) -> None:
     key = make_offload_key(b"k" * 32, 0)
     tier.submit_store(TransferJob(1, [key], np.array([0]), False, ctx))
     finish(tier)
-    files = [p for p in (tmp_path / "d").rglob("*") if p.is_file() and p.stat().st_size > CHUNK]
-    assert files
+    files = list((tmp_path / "d").rglob("slab-*.kvt"))
+    assert len(files) == 1
     data = bytearray(files[0].read_bytes())
-    data[-1] ^= 0xFF
+    assert data[:4] == b"KVTB"  # the one page sits in slot 0
+    data[64 + CHUNK // 2] ^= 0xFF  # a payload byte
     files[0].write_bytes(bytes(data))
     primary[1] = 0
     tier.submit_load(TransferJob(2, [key], np.array([1]), True, ctx))
