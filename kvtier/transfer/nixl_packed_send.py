@@ -79,14 +79,18 @@ class PackedSender(KVSender):
     def _adopt_peer(self, frame_doc: dict[str, Any], blob: bytes) -> None:
         staging = _remote_staging(frame_doc.get("staging"))
         super()._adopt_peer(frame_doc, blob)
+        self._release_handles()  # prepared for an earlier peer's slots
         self.remote_staging = staging
 
-    def close(self) -> None:
+    def _release_handles(self) -> None:
         for h in self._handles.values():
             # an aborted write may refuse release; the agent reaps it on close
             with contextlib.suppress(Exception):
                 self.agent.release_xfer_handle(h)
         self._handles = {}
+
+    def close(self) -> None:
+        self._release_handles()
         if self.staging is not None:
             self.staging.close()
             self.staging = None
