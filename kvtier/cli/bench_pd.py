@@ -239,7 +239,10 @@ def _round(tx: Any, q: Any, out: Any, name: str, mode: str, parts: int, repeat: 
     if mode == "request":
         reports = [tx.send(rid, {0: src}, {0: dst}) for rid in ids]
     elif mode == "packed":
-        reports = [tx.send_packed(rid, {0: src}, {0: dst}) for rid in ids]
+        reports, phases = [], []
+        for rid in ids:
+            reports.append(tx.send_packed(rid, {0: src}, {0: dst}))
+            phases.append(tx.last_phases)
     else:
         prepared = tx.prepare({0: src}, {0: dst}, parts=parts)
         try:
@@ -251,9 +254,13 @@ def _round(tx: Any, q: Any, out: Any, name: str, mode: str, parts: int, repeat: 
     if msg[0] != "case" or msg[2] != expect:
         raise RuntimeError(f"case {name}/{mode}: destination blocks differ: {msg}")
     nbytes = reports[0].nbytes
-    return {"case": name, "mode": mode, "parts": parts, "bytes": nbytes,
-            "descriptors": reports[0].descriptors, "gbps": nbytes / times[0] / 1e9,
-            "median_gbps": nbytes / times[len(times) // 2] / 1e9}
+    row = {"case": name, "mode": mode, "parts": parts, "bytes": nbytes,
+           "descriptors": reports[0].descriptors, "gbps": nbytes / times[0] / 1e9,
+           "median_gbps": nbytes / times[len(times) // 2] / 1e9}
+    if mode == "packed":  # mean CPU-side seconds per phase over the timed requests
+        row["phases_ms"] = {k: 1e3 * sum(p[k] for p in phases[1:]) / max(len(phases) - 1, 1)
+                            for k in phases[0]}
+    return row
 
 
 def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[int, ...] = (1,),

@@ -75,6 +75,8 @@ class PackedSender(KVSender):
         self.staging: Staging | None = None  # allocated on the first packed send
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._handles: dict[tuple[int, int], Any] = {}
+        # seconds the last send_packed spent per phase (CPU side): where a slow request waits
+        self.last_phases: dict[str, float] = {}
 
     def _adopt_peer(self, frame_doc: dict[str, Any], blob: bytes) -> None:
         staging = _remote_staging(frame_doc.get("staging"))
@@ -233,25 +235,38 @@ class PackedSender(KVSender):
                     events[c] = torch.cuda.Event()
                     events[c].record(self._stream)
 
+        ph = dict.fromkeys(("gather", "sync", "post", "slot_wait", "ack_wait"), 0.0)
+        clock = time.perf_counter
         try:
             self.agent.send_notif(self.peer.agent, begin)
             if chunks:
                 gather(0)
             for c in range(len(chunks)):
+                t0 = clock()
                 ev = events.pop(c, None)
                 if ev is not None:
                     ev.synchronize()
+                t1 = clock()
                 h = self._handle(c % k, chunk_bytes(ps, chunks[c]))
                 state = self.agent.transfer(h, message("pc", request_id, c=c, s=c % k))
                 if state == "ERR":
                     raise TransferError(f"request {request_id}: chunk {c} write refused")
                 writes[c] = h
+                t2 = clock()
+                ph["sync"] += t1 - t0
+                ph["post"] += t2 - t1
                 nxt = c + 1
                 if nxt < len(chunks):
                     old = nxt - k  # the chunk that last used slot nxt % k
                     wait_for(lambda old=old: old < 0 or (old not in writes and old in freed))
+                    t3 = clock()
                     gather(nxt)
+                    ph["slot_wait"] += t3 - t2
+                    ph["gather"] += clock() - t3
+            t4 = clock()
             wait_for(lambda: not writes and len(freed) == len(chunks))
+            ph["ack_wait"] += clock() - t4
+            self.last_phases = ph
         except TransferError:
             raise
         except Exception as exc:  # NIXL raises its own error types
