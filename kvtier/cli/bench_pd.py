@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parts", default="1,4",
                         help="comma-separated: prepared transfers split into this many requests")
     parser.add_argument("--workers", type=int, default=1, help="UCX workers per agent")
-    parser.add_argument("--slot-mib", type=int, default=64,
+    parser.add_argument("--slot-mib", type=int, default=128,
                         help="packed mode: staging slot size (4 slots per side)")
     parser.add_argument("--save", metavar="DIR", help="write pd-<device>-<date>.json/.md here")
 
@@ -264,7 +264,7 @@ def _round(tx: Any, q: Any, out: Any, name: str, mode: str, parts: int, repeat: 
 
 
 def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[int, ...] = (1,),
-            slot_mib: int = 64, workers: int = 1,
+            slot_mib: int = 128, workers: int = 1,
             rows_file: Path | None = None) -> dict[str, Any]:
     """All rows; each row is appended to `rows_file` (JSON lines) as soon as it is measured,
     and a failing row ends the run with an "error" row, keeping those before it."""

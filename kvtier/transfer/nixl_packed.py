@@ -130,7 +130,7 @@ class PackedReceiver(KVReceiver):
     engine's torch tensors (the scatter indexes them). Not thread-safe, like KVReceiver."""
 
     def __init__(self, spec: Any, tensors: Mapping[str, torch.Tensor], fingerprint: bytes, *,
-                 slot_bytes: int = 64 << 20, slots: int = 4, **kwargs: Any) -> None:
+                 slot_bytes: int = 128 << 20, slots: int = 4, **kwargs: Any) -> None:
         super().__init__(spec, byte_tensors(tensors), fingerprint, **kwargs)
         self.torch_tensors = dict(tensors)
         device = next(iter(tensors.values())).device
