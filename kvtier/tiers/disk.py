@@ -25,6 +25,7 @@ sequential read, against 54-108% with four jobs reading at once).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -58,9 +59,11 @@ class DiskTier(SlotTier):
     kind = "disk"
 
     def __init__(self, name: str, ctx: TierContext, slabs: SlabDir, *, policy: str = "lru",
-                 fsync: bool = False, threads: int = 4, max_inflight: int = 8) -> None:
+                 fsync: bool = False, threads: int = 4, max_inflight: int = 8,
+                 reader: bool = False, rescan_s: float = 1.0) -> None:
         super().__init__(name, ctx, slabs.num_slots, policy=policy, threads=threads,
-                         max_inflight=max_inflight, lock_fd=slabs.lock_fd)
+                         max_inflight=max_inflight, lock_fd=slabs.lock_fd, reader=reader,
+                         rescan_s=rescan_s)
         self.slabs = slabs
         self.root = slabs.root
         self.fsync = fsync
@@ -73,7 +76,7 @@ class DiskTier(SlotTier):
         self._read_lock = threading.Lock()
         self._fds: list[int] = []
         try:
-            self._fds = open_slab_files(slabs)
+            self._fds = open_slab_files(slabs, reader)
             self._start()
         except BaseException:
             self.close()  # releases the files and the directory lock
@@ -150,10 +153,21 @@ class DiskTier(SlotTier):
                     os.posix_fadvise(self._fds[slab], idx * stride, HEADER_SIZE, _WILLNEED)
         return super()._read_headers(slots)
 
+    def _exists(self, slots: Sequence[int]) -> list[bool]:
+        per = self.slabs.per_slab
+        return [self._fds[s // per] >= 0 for s in slots]  # a reader may lack a slab yet
+
+    def _refresh(self) -> None:
+        for i, fd in enumerate(self._fds):
+            if fd < 0:
+                with contextlib.suppress(FileNotFoundError):
+                    self._fds[i] = os.open(self.slabs.slab_path(i), os.O_RDONLY | os.O_CLOEXEC)
+
     def _close_storage(self) -> None:
         fds, self._fds = self._fds, []
         for fd in fds:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
 
 def _pwrite_all(fd: int, iov: list[memoryview], offset: int) -> None:
@@ -172,7 +186,8 @@ def _pwrite_all(fd: int, iov: list[memoryview], offset: int) -> None:
 
 @register_tier("disk")
 def make_disk_tier(name: str, options: Mapping[str, Any], ctx: TierContext) -> DiskTier:
-    """Options: path, budget, policy, fsync, slab_size, threads, max_inflight."""
+    """Options: path, budget, policy, fsync, slab_size, threads, max_inflight; reader (serve
+    another live process's directory read-only) and rescan_s (how stale a reader may be)."""
     o = Options(name, options)
     path = o.string("path")
     budget = o.size("budget", "8GiB", minimum=ctx.blob_bytes)
@@ -181,7 +196,10 @@ def make_disk_tier(name: str, options: Mapping[str, Any], ctx: TierContext) -> D
     slab_size = o.size("slab_size", "1GiB", minimum=1)
     threads = o.integer("threads", 4)  # measured: 4 beats 2 (flushes and reads overlap)
     max_inflight = o.integer("max_inflight", 8)
+    reader = o.boolean("reader", False)
+    rescan_s = o.seconds("rescan_s", 1.0)
     o.finish()
-    slabs = open_slab_dir(name, path, ctx, budget, slab_size)
+    slabs = open_slab_dir(name, path, ctx, budget, slab_size, reader)
     return DiskTier(name, ctx, slabs, policy=policy, fsync=fsync, threads=threads,
-                    max_inflight=max_inflight)
+                    max_inflight=max_inflight, reader=reader,
+                    rescan_s=1.0 if rescan_s is None else rescan_s)

@@ -18,6 +18,7 @@ def open_slabs(name: str, path: str, ctx: TierContext, budget: int, slab_size: i
     """The slab files of this namespace under `path`, locked for this process.
     Returns (store, lock fd)."""
     slabs = open_slab_dir(name, path, ctx, budget, slab_size)
+    assert slabs.lock_fd is not None  # a writer's directory
     try:
         return FileSlots(slabs, params, timeout), slabs.lock_fd
     except BaseException:

@@ -26,7 +26,7 @@ class SlabDir(NamedTuple):
     slot_bytes: int
     per_slab: int
     num_slots: int
-    lock_fd: int  # held (flock) for the tier's life; closing it releases the directory
+    lock_fd: int | None  # held (flock) for a writer's life; None for a reader
 
     def slab_path(self, i: int) -> str:
         return os.path.join(self.root, f"slab-{i:04d}.kvt")
@@ -40,10 +40,22 @@ class SlabDir(NamedTuple):
 
 
 def open_slab_dir(name: str, path: str, ctx: TierContext, budget: int,
-                  slab_size: int) -> SlabDir:
-    """Lock this namespace's slab directory under `path` and settle its layout."""
+                  slab_size: int, reader: bool = False) -> SlabDir:
+    """Lock this namespace's slab directory under `path` and settle its layout. A reader takes
+    no lock and writes nothing: it follows the manifest the writer left, if any."""
     root = os.path.join(path, ctx.fingerprint.hex())
     slot_bytes = -(-ctx.blob_bytes // ALIGN) * ALIGN
+    if reader:
+        num_slots = budget // slot_bytes
+        if num_slots < 1:
+            raise ConfigError(f"tiers.{name}.budget", budget, f">= one slot ({slot_bytes} B)")
+        per_slab = max(slab_size // slot_bytes, 1)
+        with contextlib.suppress(FileNotFoundError, ValueError, KeyError, NotADirectoryError):
+            with open(os.path.join(root, "manifest.json")) as f:
+                doc = json.load(f)
+            if doc["slot_bytes"] == slot_bytes:
+                per_slab = int(doc["slots_per_slab"])
+        return SlabDir(root, slot_bytes, per_slab, num_slots, None)
     try:
         os.makedirs(root, exist_ok=True)
         lock_fd = os.open(os.path.join(root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
@@ -75,9 +87,18 @@ def open_slab_dir(name: str, path: str, ctx: TierContext, budget: int,
         raise
 
 
-def open_slab_files(d: SlabDir) -> list[int]:
+def open_slab_files(d: SlabDir, reader: bool = False) -> list[int]:
     """Open (creating sparse) every slab file at its size for the budget; cut slots a smaller
-    budget dropped and remove slabs a larger one left behind. Returns the fds."""
+    budget dropped and remove slabs a larger one left behind. Returns the fds. A reader opens
+    the files that exist read-only and changes nothing (-1 for a slab not created yet)."""
+    if reader:
+        out = []
+        for i in range(d.slabs):
+            try:
+                out.append(os.open(d.slab_path(i), os.O_RDONLY | os.O_CLOEXEC))
+            except FileNotFoundError:
+                out.append(-1)
+        return out
     fds: list[int] = []
     try:
         for i in range(d.slabs):

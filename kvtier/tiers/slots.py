@@ -13,6 +13,11 @@ does not match: a counted miss on load, then removed - never wrong KV. An evicte
 reused at once without a tombstone: if a crash lands before the overwrite, the old page comes
 back, which is harmless (a page key names its content).
 
+Readers (`reader=True`): a second process may serve the same storage read-only (SGLang's MLA TP
+ranks share one namespace, and only one of them writes). A reader takes no lock, never writes or
+tombstones, and rebuilds its index from the headers when a lookup misses and its last scan is
+older than `rescan_s`, so it sees the writer's pages within about that long.
+
 Free slots are handed out lowest first, so a batch stored together lands in adjacent slots and
 is read back as one sequential run when it is loaded together.
 """
@@ -24,6 +29,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from abc import abstractmethod
 from collections import Counter
 from collections.abc import Sequence
@@ -58,9 +64,14 @@ class SlotTier(ThreadedTier):
     """
 
     def __init__(self, name: str, ctx: TierContext, capacity: int, *, policy: str,
-                 threads: int, max_inflight: int, lock_fd: int | None = None) -> None:
+                 threads: int, max_inflight: int, lock_fd: int | None = None,
+                 reader: bool = False, rescan_s: float = 1.0) -> None:
         super().__init__(name, ctx, threads=threads, max_inflight=max_inflight)
         self.capacity = capacity
+        self.reader = reader
+        self._rescan_s = rescan_s
+        self._last_scan = 0.0
+        self._policy_name = policy
         self._lock_fd = lock_fd
         self._policy = cast("EvictionPolicy[PageKey]", make_policy(policy, capacity))
         self._index_lock = threading.Lock()
@@ -98,43 +109,79 @@ class SlotTier(ThreadedTier):
     def _close_storage(self) -> None:
         """Release the storage (files, agents); called once by close()."""
 
+    def _refresh(self) -> None:
+        """Readers: pick up storage the writer created since the last scan (subclasses)."""
+
     # -- start-up -------------------------------------------------------------------------------
-    def _start(self) -> None:
-        """Rebuild the index from the slot headers."""
+    def _scan(self) -> tuple[dict[PageKey, int], list[int], list[int]]:
+        """(key -> slot, stale slots, free slots) from every slot header."""
         n = self.capacity
         exists = self._exists(range(n))
         live = [s for s in range(n) if exists[s]]
         heads = self._read_headers(live)
+        found: dict[PageKey, int] = {}
         stale: list[int] = []
-        found = set(live)
+        free = [s for s in range(n) if not exists[s]]
         fp, payload = self.ctx.fingerprint, self.ctx.payload_bytes
         for j, s in enumerate(live):
             magic, version, flags, f, key, length = HEAD.unpack_from(heads, j * HEADER_SIZE)
             ok = (magic == MAGIC and version == VERSION and flags & FLAG_SEALED and f == fp
                   and length == payload)
-            if not ok or key in self._slot:
-                if magic != b"\0\0\0\0":
-                    stale.append(s)  # a duplicate or foreign header: zero it before reuse
-                else:
-                    self._free.append(s)
-                continue
-            self._slot[key] = s
+            if ok and key not in found:
+                found[key] = s
+            elif magic != b"\0\0\0\0":
+                stale.append(s)  # a duplicate or foreign header: zero it before reuse
+            else:
+                free.append(s)
+        return found, stale, free
+
+    def _start(self) -> None:
+        """Rebuild the index from the slot headers."""
+        found, stale, free = self._scan()
+        self._slot = found
+        for key in found:
             self._policy.insert(key)
-        self._free.extend(s for s in range(n) if s not in found)
+        self._free = free + (stale if self.reader else [])
         heapq.heapify(self._free)
-        if stale:
+        if stale and not self.reader:
             self._busy.update(stale)
             self._tombstone(stale)
         if self._slot:
             log.info("tier %s: found %d pages", self.name, len(self._slot))
         self.scanned = len(self._slot)
+        self._last_scan = time.monotonic()
+
+    def _rescan(self) -> None:
+        """Readers: replace the index with what the slot headers say now (the writer process
+        stores and evicts behind this one's back; a page it overwrote since fails its checksum
+        or key check on load: a counted miss, never wrong KV)."""
+        self._refresh()
+        found, stale, free = self._scan()
+        with self._index_lock:
+            policy = cast("EvictionPolicy[PageKey]", make_policy(self._policy_name,
+                                                                  self.capacity))
+            for key in found:
+                policy.insert(key)
+                if key in self._pins:
+                    policy.pin(key)
+            self._policy, self._slot = policy, found
+            self._free = free + stale
+            heapq.heapify(self._free)
+            self._last_scan = time.monotonic()
 
     # -- blocking primitives -----------------------------------------------------------------
     def _contains_batch(self, keys: Sequence[PageKey]) -> list[bool]:
         with self._index_lock:
-            return [k in self._slot for k in keys]
+            out = [k in self._slot for k in keys]
+        if self.reader and not all(out) and time.monotonic() - self._last_scan >= self._rescan_s:
+            self._rescan()
+            with self._index_lock:
+                out = [k in self._slot for k in keys]
+        return out
 
     def _store_batch(self, items: Sequence[Item]) -> list[bool]:
+        if self.reader:  # another process owns the slots
+            return [False] * len(items)
         flags = [False] * len(items)
         todo: list[tuple[int, int]] = []  # (item index, slot)
         with self._index_lock:
@@ -231,8 +278,11 @@ class SlotTier(ThreadedTier):
                 slot = self._slot.pop(key, None)
                 if slot is not None:
                     self._policy.remove(key)
-                    self._busy.add(slot)
-                    slots.append(slot)
+                    if self.reader:  # forget it here; the writer owns the slot
+                        heapq.heappush(self._free, slot)
+                    else:
+                        self._busy.add(slot)
+                        slots.append(slot)
         self._tombstone(slots)
 
     def _tombstone(self, slots: Sequence[int]) -> None:
@@ -271,7 +321,9 @@ class SlotTier(ThreadedTier):
             every = used + self._free + list(self._busy)
             assert len(every) == len(set(every)) == self.capacity, "slot lost or held twice"
             assert all(c > 0 for c in self._pins.values()), "non-positive pin count"
-            if self.inflight() or self._busy or self._pins or self.capacity > 65536:
+            # a reader's storage changes under it (the writer): only its own index is checked
+            if self.reader or self.inflight() or self._busy or self._pins \
+                    or self.capacity > 65536:
                 return
             order = list(self._slot.items())
         heads = self._read_headers([s for _, s in order])

@@ -78,13 +78,13 @@ def test_page_view_is_canonical_order(layout: str, mla: bool) -> None:
                         assert torch.equal(view[layer, kv, s, h], want)
 
 
-def _backend(tmp_path: Path, mla: bool = False, tp_rank: int = 0) -> Any:
+def _backend(tmp_path: Path, mla: bool = False, tp_rank: int = 0, **tier: Any) -> Any:
     if hs is None or factory is None:
         pytest.skip(WHY)
     extra = {"backend_name": "kvtier", "module_path": "kvtier.integrations.sglang.storage",
              "class_name": "KVTierStorage", "interface_v1": 1,
              "kvtier": {"tiers": [{"kind": "disk", "path": str(tmp_path),
-                                   "budget": "16MiB"}]}}  # fmt: skip
+                                   "budget": "16MiB", **tier}]}}  # fmt: skip
     cfg = hs.HiCacheStorageConfig(
         tp_rank=tp_rank, tp_size=2, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
         is_mla_model=mla, enable_storage_metrics=False, is_page_first_layout=True,
@@ -149,3 +149,32 @@ def test_mla_only_the_writer_rank_writes(tmp_path: Path) -> None:
         assert torch.equal(page_view(pool.kv_buffer, shape_a, p * S),
                            page_view(back.kv_buffer, shape_b, p * S))  # fmt: skip
     reader.close()
+
+
+def test_mla_ranks_live_at_once_share_one_disk_directory(tmp_path: Path) -> None:
+    """Every MLA rank runs at the same time: the writer owns the slab directory, the others
+    read it (no lock conflict) and see the writer's pages after a rescan."""
+    import time
+
+    pool = Pool("page_first", mla=True)
+    pool.kv_buffer.copy_(torch.randn(pool.kv_buffer.shape))
+    idx = torch.arange(2 * S)
+    ranks = []
+    for r in (0, 1):
+        b = _backend(tmp_path, mla=True, tp_rank=r, rescan_s=0.05)
+        b.register_mem_pool_host(pool)
+        ranks.append(b)
+    writer, reader = ranks
+    assert reader.batch_exists(["n0", "n1"]) == 0
+    assert writer.batch_set_v1(["n0", "n1"], idx) == [True, True]
+    time.sleep(0.1)
+    assert reader.batch_exists(["n0", "n1"]) == 2
+    back = Pool("page_first", mla=True)
+    reader.register_mem_pool_host(back)
+    assert reader.batch_get_v1(["n0", "n1"], idx) == [True, True]
+    shape = pool_shape(pool, mla=True)
+    for p in (0, 1):
+        assert torch.equal(page_view(pool.kv_buffer, shape, p * S),
+                           page_view(back.kv_buffer, shape, p * S))  # fmt: skip
+    for b in ranks:
+        b.close()

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,35 @@ def test_slab_truncated_while_down(tmp_path: Path) -> None:
     again.close()
 
 
+def test_reader_serves_a_live_writers_directory(tmp_path: Path) -> None:
+    """A reader (another rank of an MLA model) takes no lock, never writes, and sees the
+    writer's stores and removals after a rescan; a slot the writer reused is a counted miss."""
+    pages = Pages()
+    reader = make(pages, tmp_path, reader=True, rescan_s=0.01)  # before any slab exists
+    writer = make(pages, tmp_path)
+    keys = [Pages.key(i) for i in range(4)]
+    assert reader.contains(keys) == [False] * 4
+    run(writer, "store", pages.items(keys))
+    time.sleep(0.02)
+    assert reader.contains(keys) == [True] * 4
+    res = run(reader, "load", pages.empty(keys, first_slot=8))
+    assert res.ok == tuple(keys) and all(pages.holds(k, 8 + i) for i, k in enumerate(keys))
+    before = [header_at(writer, k) for k in keys]
+    stored = run(reader, "store", pages.items([Pages.key(9)], first_slot=20))
+    assert stored.failed == (Pages.key(9),)  # a reader never writes
+    assert [header_at(writer, k) for k in keys] == before
+    writer.remove([keys[0]])  # tombstoned by the writer; the reader still indexes it
+    res = run(reader, "load", pages.empty(keys[:2], first_slot=8))
+    assert res.ok == (keys[1],) and res.failed == (keys[0],)
+    assert reader.stats().corrupt == 1 and writer.stats().pages == 3
+    time.sleep(0.02)
+    assert reader.contains(keys) == [False, True, True, True]
+    reader.check_integrity()
+    writer.check_integrity()
+    reader.close()
+    writer.close()
+
+
 @pytest.mark.parametrize("policy", ["lru", "arc", "s3fifo"])
 def test_budget_evicts_by_policy(tmp_path: Path, policy: str) -> None:
     pages = Pages()
@@ -244,6 +274,8 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
         ({"path": str(tmp_path), "fsync": "yes"}, "tiers.d.fsync"),
         ({"path": str(tmp_path), "bugdet": "1GiB"}, "tiers.d.bugdet"),
         ({"path": str(tmp_path), "slab_size": "big"}, "tiers.d.slab_size"),
+        ({"path": str(tmp_path), "reader": 1}, "tiers.d.reader"),
+        ({"path": str(tmp_path), "rescan_s": -1}, "tiers.d.rescan_s"),
         ({"path": str(tmp_path / "f" / "x")}, "tiers.d.path"),
     ]
     for opts, field in bad:

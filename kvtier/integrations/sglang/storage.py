@@ -104,13 +104,27 @@ class KVTierStorage(HiCacheStorage):
         if not self.config.tiers:
             raise ConfigError("kvtier.tiers", [], "at least one tier below SGLang's host pool")
         tiers = [
-            ChainTier(make_tier(t.kind, t.name, t.options, ctx), t.mode == "write_through")
+            ChainTier(make_tier(t.kind, t.name, self._tier_options(t.kind, t.name, t.options),
+                                ctx), t.mode == "write_through")
             for t in self.config.tiers
         ]
         self.chain = TierChain(tiers, timeout_s=self.timeout_s)
         rows = max(1, self.staging_bytes // ctx.blob_bytes)
         self._load_stage = _Staging(rows, ctx.blob_bytes)
         self._store_stage = _Staging(rows, ctx.blob_bytes)
+
+    def _tier_options(self, kind: str, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """MLA ranks share one namespace and only the storage writer stores: every other rank
+        serves a disk tier's directory as a reader (no lock, rescans for the writer's pages)."""
+        if not self.is_mla or self.is_writer:
+            return dict(options)
+        if kind == "disk":
+            return {**options, "reader": True}
+        if kind == "nixl":
+            raise ConfigError(f"tiers.{name}.kind", kind,
+                              "disk, redis, valkey or mooncake for an MLA model with several "
+                              "ranks (a nixl tier's slab files take one process)")
+        return dict(options)
 
     def _ready(self) -> tuple[TierChain, PoolShape, Namespace]:
         if self.chain is None or self.shape is None or self.namespace is None:
