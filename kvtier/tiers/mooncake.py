@@ -47,7 +47,7 @@ import numpy as np
 from kvtier.errors import ConfigError
 from kvtier.keys import PageKey
 from kvtier.tiers.base import Item, ThreadedTier, TierContext, TierStats
-from kvtier.tiers.options import Cooldown, Options, drop_corrupt
+from kvtier.tiers.options import Cooldown, KnownPages, Options, drop_corrupt
 from kvtier.tiers.registry import register_tier
 
 log = logging.getLogger("kvtier.tiers.mooncake")
@@ -107,8 +107,7 @@ class MooncakeTier(ThreadedTier):
         self._ready = threading.Event()
         self._closing = threading.Event()
         self._regions: list[tuple[int, int]] = []
-        self._known: set[PageKey] = set()
-        self._known_lock = threading.Lock()
+        self._known = KnownPages()
         self._cooldown = Cooldown(retry_after_s)
         self._connector = threading.Thread(
             target=self._connect_loop, name=f"kvtier-{name}-connect", daemon=True
@@ -183,8 +182,7 @@ class MooncakeTier(ThreadedTier):
         flags = [c == 0 for c in codes]
         if not any(flags) and items:
             raise ConnectionError(f"batch_upsert_from failed: {min(codes)}")
-        with self._known_lock:
-            self._known.update(k for (k, _), ok in zip(items, flags) if ok)
+        self._known.stored(items, flags)
         self._recovered()
         return flags
 
@@ -202,16 +200,14 @@ class MooncakeTier(ThreadedTier):
         faults = [c for c in codes if c < 0 and c not in (_NOT_FOUND, _TOO_SMALL)]
         if faults:
             self._fault("load", ConnectionError(f"batch_get_into error {faults[0]}"))
-        with self._known_lock:
-            self._known.difference_update(gone)
+        self._known.forget(gone)
         if any(flags):
             self._recovered()
         drop_corrupt(self, wrong, "object of the wrong size")
         return flags
 
     def _remove_batch(self, keys: Sequence[PageKey]) -> None:
-        with self._known_lock:
-            self._known.difference_update(keys)
+        self._known.forget(keys)
         if keys:
             # forced: a read lease would otherwise keep a corrupt or invalidated page alive
             self._client().batch_remove([self._name(k) for k in keys], True)
@@ -222,9 +218,7 @@ class MooncakeTier(ThreadedTier):
         return self._ready.is_set()
 
     def stats(self) -> TierStats:
-        with self._known_lock:
-            pages = len(self._known)
-        return self._stats(pages, pages * self.ctx.blob_bytes, None)
+        return self._known.stats(self)
 
     def check_integrity(self) -> None:
         stats = self.stats()

@@ -7,13 +7,14 @@ with a message that says which line to fix.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kvtier.errors import ConfigError
 from kvtier.keys import PageKey
-from kvtier.tiers.base import ThreadedTier
+from kvtier.tiers.base import Item, ThreadedTier, TierStats
 from kvtier.units import parse_size
 
 log = logging.getLogger("kvtier.tiers")
@@ -120,3 +121,26 @@ class Cooldown:
         """Raise ConnectionError while cooling down (the tier turns it into misses)."""
         if time.monotonic() < self._until:
             raise CoolingDown(f"{what}: server marked down for {self.seconds:g} s after a fault")
+
+
+class KnownPages:
+    """The pages this process stored in a server-owned tier and has not seen disappear: an
+    estimate for `stats()`, since other processes, eviction and expiry change the server too.
+    Thread-safe."""
+
+    def __init__(self) -> None:
+        self._keys: set[PageKey] = set()
+        self._lock = threading.Lock()
+
+    def stored(self, items: Sequence[Item], flags: Sequence[bool]) -> None:
+        with self._lock:
+            self._keys.update(k for (k, _), ok in zip(items, flags) if ok)
+
+    def forget(self, keys: Sequence[PageKey]) -> None:
+        with self._lock:
+            self._keys.difference_update(keys)
+
+    def stats(self, tier: ThreadedTier) -> TierStats:
+        with self._lock:
+            pages = len(self._keys)
+        return tier._stats(pages, pages * tier.ctx.blob_bytes, None)

@@ -29,14 +29,13 @@ reconnect on their own when the server is back.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from kvtier.errors import ConfigError
 from kvtier.keys import PageKey
 from kvtier.tiers.base import Item, ThreadedTier, TierContext, TierStats
-from kvtier.tiers.options import Cooldown, Options, drop_corrupt
+from kvtier.tiers.options import Cooldown, KnownPages, Options, drop_corrupt
 from kvtier.tiers.registry import register_tier
 from kvtier.tiers.resp import LoadRetry, Replies, ReplyError
 
@@ -99,8 +98,7 @@ class RedisTier(ThreadedTier):
             )
         except ValueError as exc:
             raise ConfigError(f"tiers.{name}.url", url, f"a redis:// URL ({exc})") from exc
-        self._known: set[PageKey] = set()
-        self._known_lock = threading.Lock()
+        self._known = KnownPages()
         self._cooldown = Cooldown(retry_after_s)
 
     def _fault(self, what: str, exc: BaseException) -> None:
@@ -127,8 +125,7 @@ class RedisTier(ThreadedTier):
             pipe.set(self._name(key), buf, ex=self._ttl)
         replies = pipe.execute(raise_on_error=False)
         flags = [r is True for r in replies]
-        with self._known_lock:
-            self._known.update(k for (k, _), ok in zip(items, flags) if ok)
+        self._known.stored(items, flags)
         self._recovered()
         return flags
 
@@ -151,8 +148,7 @@ class RedisTier(ThreadedTier):
         except LoadRetry:  # the server dropped a pooled connection (restart): once more, fresh
             got = self._read_once(items, check, retry=False)
         flags, corrupt, gone, wrong = got
-        with self._known_lock:
-            self._known.difference_update(gone)
+        self._known.forget(gone)
         self._recovered()
         drop_corrupt(self, wrong, "value of the wrong length")
         return flags, corrupt
@@ -203,8 +199,7 @@ class RedisTier(ThreadedTier):
         return flags, corrupt, gone, wrong
 
     def _remove_batch(self, keys: Sequence[PageKey]) -> None:
-        with self._known_lock:
-            self._known.difference_update(keys)
+        self._known.forget(keys)
         for i in range(0, len(keys), 512):
             self._client.delete(*(self._name(k) for k in keys[i : i + 512]))
 
@@ -216,9 +211,7 @@ class RedisTier(ThreadedTier):
             return False
 
     def stats(self) -> TierStats:
-        with self._known_lock:
-            pages = len(self._known)
-        return self._stats(pages, pages * self.ctx.blob_bytes, None)
+        return self._known.stats(self)
 
     def check_integrity(self) -> None:
         stats = self.stats()

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 
 from kvtier.errors import ConfigError
-from kvtier.transfer.handshake import MAX_JSON, VERSION, parse_notification
+from kvtier.transfer.handshake import MAX_JSON, VERSION
 from kvtier.transfer.nixl_transport import KVReceiver
-from kvtier.transfer.pack_plan import Piece, Plane, check_blocks, chunk_plan
+from kvtier.transfer.pack_plan import Piece, Plane, chunk_plan
 from kvtier.transfer.registration import TensorMemory
 
 
@@ -157,23 +157,24 @@ class PackedReceiver(KVReceiver):
         return bool(self._jobs or self._scattering or self._early)
 
     def _drain(self) -> None:
-        for msgs in self.agent.get_new_notifs().values():
-            for raw in msgs:
-                doc = parse_message(raw)
-                if doc is None:
-                    self._note_direct(raw)
-                elif doc["k"] == "pk":
-                    self._begin(doc)
-                elif doc["k"] == "pc" and doc["req"] not in self._dropped:
-                    job = self._jobs.get(doc["req"])
-                    if job is None:
-                        self._early.setdefault(doc["req"], []).append(doc)
-                        self._early_at.setdefault(doc["req"], time.monotonic())
-                    else:
-                        job.last = time.monotonic()
-                        self._scatter(job, doc)
+        super()._drain()
         self._reap()
         self._expire()
+
+    def _on_notification(self, msg: bytes) -> None:
+        doc = parse_message(msg)
+        if doc is None:
+            super()._on_notification(msg)
+        elif doc["k"] == "pk":
+            self._begin(doc)
+        elif doc["k"] == "pc" and doc["req"] not in self._dropped:
+            job = self._jobs.get(doc["req"])
+            if job is None:
+                self._early.setdefault(doc["req"], []).append(doc)
+                self._early_at.setdefault(doc["req"], time.monotonic())
+            else:
+                job.last = time.monotonic()
+                self._scatter(job, doc)
 
     def _tell(self, msg: bytes) -> None:
         """Notify the sender; a sender that is gone shows up as PeerGone in wait(), not here."""
@@ -198,11 +199,6 @@ class PackedReceiver(KVReceiver):
         while len(self._dropped) > 4096:
             del self._dropped[next(iter(self._dropped))]
 
-    def _note_direct(self, raw: bytes) -> None:
-        note = parse_notification(raw)
-        if note is not None:
-            self._pending[note["req"]] = note
-
     def _refuse(self, doc: dict[str, Any], why: str) -> None:
         self._drop(doc["req"])
         self._pending[doc["req"]] = {"req": doc["req"], "error": why}
@@ -213,7 +209,7 @@ class PackedReceiver(KVReceiver):
         if doc["slot"] != self.staging.slot_bytes:
             return self._refuse(doc, f"slot size {doc['slot']} != {self.staging.slot_bytes}")
         try:
-            check_blocks(self.plan.spec, doc["ids"])
+            self.plan.check_blocks(doc["ids"])
             ps, chunks = chunk_plan(self.plan.spec, {g: len(v) for g, v in doc["ids"].items()},
                                     self.staging.slot_bytes)
         except ConfigError as exc:

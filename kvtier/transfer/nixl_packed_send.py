@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
+from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from kvtier.errors import ConfigError
-from kvtier.transfer.handshake import HandshakeError, PeerGone, TransferError, TransferTimeout
+from kvtier.transfer.handshake import HandshakeError, PeerGone, TransferError
 from kvtier.transfer.nixl_endpoint import TransferReport
 from kvtier.transfer.nixl_packed import (
     Staging,
@@ -30,10 +31,13 @@ from kvtier.transfer.nixl_packed import (
     widest,
 )
 from kvtier.transfer.nixl_transport import KVSender
-from kvtier.transfer.pack_plan import check_blocks, chunk_bytes, chunk_plan
+from kvtier.transfer.pack_plan import chunk_bytes, chunk_plan
 from kvtier.transfer.registration import paired_runs
 
-_SPIN_S, _POLL_S = 0.02, 0.0002
+
+def _slot_free(writes: Mapping[int, Any], freed: set[int], chunk: int) -> bool:
+    """The slot `chunk` used is free again: its write finished and the receiver scattered it."""
+    return chunk not in writes and chunk in freed
 
 
 class RemoteStaging(NamedTuple):
@@ -170,8 +174,8 @@ class PackedSender(KVSender):
             want = {g: len(v) for g, v in src.items()}
             raise ConfigError("dst_blocks", {g: len(v) for g, v in dst.items()},
                               f"as many blocks per group as src: {want}")
-        check_blocks(self.plan.spec, src)
-        check_blocks(self.remote_plan.spec, dst)
+        self.plan.check_blocks(src)
+        self.remote_plan.check_blocks(dst)
         ps, chunks = chunk_plan(self.plan.spec, {g: len(v) for g, v in src.items()},
                                 rs.slot_bytes)
         st = self._local_staging(rs)
@@ -205,20 +209,12 @@ class PackedSender(KVSender):
                     if doc["k"] == "pf":
                         freed.add(doc["c"])
 
-        def wait_for(ready: Any) -> None:
-            spin_until = time.monotonic() + _SPIN_S
-            while True:
+        def wait_for(ready: Callable[[], bool]) -> None:
+            def polled() -> bool:
                 poll()
-                if ready():
-                    return
-                now = time.monotonic()
-                if now > deadline:
-                    alive = self.peer_alive()
-                    raise (TransferTimeout if alive else PeerGone)(
-                        f"request {request_id}: receiver did not keep up within the timeout"
-                        + ("" if alive else " (receiver gone)"))
-                if now > spin_until:
-                    time.sleep(_POLL_S)
+                return ready()
+
+            self._wait_until(polled, request_id, deadline, "receiver did not keep up")
 
         def gather(c: int) -> None:
             slot = st.slot(c % k)
@@ -258,7 +254,10 @@ class PackedSender(KVSender):
                 nxt = c + 1
                 if nxt < len(chunks):
                     old = nxt - k  # the chunk that last used slot nxt % k
-                    wait_for(lambda old=old: old < 0 or (old not in writes and old in freed))
+                    if old >= 0:
+                        wait_for(partial(_slot_free, writes, freed, old))
+                    else:
+                        poll()
                     t3 = clock()
                     gather(nxt)
                     ph["slot_wait"] += t3 - t2

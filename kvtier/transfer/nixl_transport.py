@@ -18,7 +18,7 @@ import dataclasses
 import itertools
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -115,9 +115,13 @@ class KVReceiver(NixlEndpoint):
     def _drain(self) -> None:
         for msgs in self.agent.get_new_notifs().values():
             for msg in msgs:
-                note = parse_notification(msg)
-                if note is not None:
-                    self._pending[note["req"]] = note
+                self._on_notification(msg)
+
+    def _on_notification(self, msg: bytes) -> None:
+        """One message from the peer: a direct transfer's completion (subclasses add kinds)."""
+        note = parse_notification(msg)
+        if note is not None:
+            self._pending[note["req"]] = note
 
     def wait(self, request_id: str, blocks: Mapping[int, Sequence[int]],
              timeout: float | None = None) -> TransferReport:
@@ -273,22 +277,14 @@ class KVSender(NixlEndpoint):
               msg: bytes) -> None:
         try:
             states = [self.agent.transfer(h, msg) for h in handles]
-            spin_until = time.monotonic() + _SPIN_S
-            while "PROC" in states:
-                if "ERR" in states:
-                    break
-                now = time.monotonic()
-                if now > deadline:
-                    alive = self.peer_alive()
-                    raise (TransferTimeout if alive else PeerGone)(
-                        f"request {request_id}: not done within the timeout"
-                        + ("" if alive else " (receiver gone)"))
-                # spin briefly: a GPU transfer ends within milliseconds and a 0.5 ms sleep
-                # would be a large share of it; then back off so long transfers cost no CPU
-                if now > spin_until:
-                    time.sleep(_POLL_S)
-                states = [s if s == "DONE" else self.agent.check_xfer_state(h)
-                          for h, s in zip(handles, states)]
+
+            def settled() -> bool:
+                states[:] = [s if s == "DONE" else self.agent.check_xfer_state(h)
+                             for h, s in zip(handles, states)]
+                return "PROC" not in states or "ERR" in states
+
+            if "PROC" in states and "ERR" not in states:
+                self._wait_until(settled, request_id, deadline, "not done")
         except TransferError:
             raise
         except Exception as exc:  # NIXL raises its own error types for backend failures
@@ -296,3 +292,19 @@ class KVSender(NixlEndpoint):
         bad = [s for s in states if s != "DONE"]
         if bad:
             raise TransferError(f"request {request_id}: NIXL transfer state {bad[0]}")
+
+    def _wait_until(self, ready: Callable[[], bool], request_id: str, deadline: float,
+                    what: str) -> None:
+        """Call `ready` until it is true; TransferTimeout (or PeerGone when the receiver left)
+        at the deadline. Spins briefly first: a GPU transfer ends within milliseconds and a
+        0.5 ms sleep would be a large share of it; then backs off so long waits cost no CPU."""
+        spin_until = time.monotonic() + _SPIN_S
+        while not ready():
+            now = time.monotonic()
+            if now > deadline:
+                alive = self.peer_alive()
+                raise (TransferTimeout if alive else PeerGone)(
+                    f"request {request_id}: {what} within the timeout"
+                    + ("" if alive else " (receiver gone)"))
+            if now > spin_until:
+                time.sleep(_POLL_S)

@@ -39,17 +39,6 @@ class Piece(NamedTuple):
     at: int
 
 
-def check_blocks(spec: KVCacheSpec, blocks: Mapping[int, list[int]]) -> None:
-    """ConfigError unless every group exists and every block id is in range; O(blocks), where
-    building the request's descriptors would be O(descriptors) Python objects."""
-    for g, ids in blocks.items():
-        if not 0 <= g < len(spec.groups):
-            raise ConfigError("group", g, f"0..{len(spec.groups) - 1}")
-        if ids and (min(ids) < 0 or max(ids) >= spec.num_blocks):
-            raise ConfigError("blocks", (min(ids), max(ids)),
-                              f"block ids in 0..{spec.num_blocks - 1}")
-
-
 def planes(spec: KVCacheSpec, groups: Mapping[int, int]) -> list[Plane]:
     """The planes a request touches, in packed order; `groups` maps group -> block count."""
     out: list[Plane] = []

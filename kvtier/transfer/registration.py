@@ -160,6 +160,15 @@ class RegistrationPlan:
             if r.start < 0 or r.length <= 0 or r.start + r.length > self.spec.num_blocks:
                 raise ConfigError("blocks", r, f"block ids in 0..{self.spec.num_blocks - 1}")
 
+    def check_blocks(self, blocks: Mapping[int, Sequence[int]]) -> None:
+        """ConfigError unless every group exists and every block id is in range. O(blocks):
+        callers that never build descriptors (packed transfers) check with this."""
+        for g, ids in blocks.items():
+            if ids:
+                self._check(g, [BlockRun(min(ids), 1), BlockRun(max(ids), 1)])
+            elif not 0 <= g < len(self.spec.groups):
+                raise ConfigError("group", g, f"0..{len(self.spec.groups) - 1}")
+
     def _tensor_descs(self, tensor: KVTensorSpec, block: int, run: BlockRun) -> list[Descriptor]:
         region, off = self._place[tensor.name]
         if not tensor.kv_split:

@@ -89,6 +89,12 @@ def test_bad_inputs() -> None:
         RegistrationPlan(spec, mems).request_descriptors({0: [8]})
     with pytest.raises(ConfigError, match="group"):
         RegistrationPlan(spec, mems).request_descriptors({99: [0]})
+    plan = RegistrationPlan(spec, mems)
+    plan.check_blocks({0: [7, 0, 3], 1: []})  # the cheap check agrees with request_descriptors
+    for bad, what in (({0: [2, 8]}, "block ids"), ({0: [-1]}, "block ids"), ({99: [0]}, "group"),
+                      ({99: []}, "group")):
+        with pytest.raises(ConfigError, match=what):
+            plan.check_blocks(bad)
     del mems["kv3"]
     with pytest.raises(ConfigError, match="memory for every tensor"):
         RegistrationPlan(spec, mems)
