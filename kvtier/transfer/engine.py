@@ -35,12 +35,13 @@ import torch
 
 from kvtier.errors import ConfigError
 from kvtier.memory.host_pool import HostPool
+from kvtier.transfer.cpu_rows import RowCopier
 from kvtier.transfer.device_kv import DeviceKV
 from kvtier.transfer.gpu_paths import GPUPaths
 from kvtier.transfer.staged import make_staged
 from kvtier.transfer.staged_plan import group_layout
 from kvtier.transfer.thresholds import Thresholds
-from kvtier.transfer.torch_path import host_planes, load_cpu, store_cpu
+from kvtier.transfer.torch_path import host_planes
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class CopyEngine:
         self._finished: dict[int, TransferResult] = {}
         self._logged: set[str] = set()
         self._gpu: GPUPaths | None = None
+        self._rows = None if self.on_gpu else RowCopier(device_kv, self._host)
         if self.on_gpu:
             self._gpu = GPUPaths(device_kv, host_pool, th)
             for field_, p in (("transfer.path", path), ("transfer.load_path", self.load_path)):
@@ -225,9 +227,11 @@ class CopyEngine:
                     for planes in groups:
                         self._staged.run(op, blk, sl, planes)
                 elif op == "store":
-                    store_cpu(self.dkv, self._host, blk, sl)
+                    assert self._rows is not None
+                    self._rows.store(blk, sl)
                 else:
-                    load_cpu(self.dkv, self._host, sl, blk, groups[0])
+                    assert self._rows is not None
+                    self._rows.load(sl, blk, groups[0])
             except Exception as exc:  # a run-time fault becomes a failed job, never a crash
                 self._fail(job, exc)
             result = TransferResult(

@@ -1,7 +1,8 @@
 """The torch path: page transfers as tensor indexing (index_select / index_copy_).
 
-This is the reference every other path is compared with bit for bit, the CPU path of the copy
-engine, and the GPU fallback when neither the Triton kernels nor batched DMA are available. Data
+This is the reference every other path is compared with bit for bit (the copy engine's CPU path,
+kvtier.transfer.cpu_rows, included) and the GPU fallback when neither the Triton kernels nor
+batched DMA are available. Data
 moves on integer views of the element size, so every dtype (fp8 on CPU builds included) and every
 NaN payload is copied exactly.
 

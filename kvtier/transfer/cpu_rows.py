@@ -1,0 +1,140 @@
+"""The CPU path: a page transfer as one pass of row copies, whatever the planes' layout.
+
+Every plane is CPU memory and block `b` of plane `p` is a dense row at
+`addr[p] + b * row_stride[p]`. One overlapping strided view over the address span of all planes,
+whose row `r` starts `r` elements above the lowest plane, turns "block b of plane p" into a single
+row number. A page blob is then one gather of `planes x blocks_per_page` rows straight into its
+contiguous host slot (store) and one row assignment straight out of it (load): each byte is read
+and written once. A per-plane gather into a temporary plus a scatter moved every byte three
+times and ran at a third of memcpy speed for 4-8 KiB rows.
+
+The view never owns or touches memory outside the rows it is indexed with; block numbers are
+range-checked against every plane before use, so a bad index cannot reach a neighbouring
+allocation. Results are bit-identical to kvtier.transfer.torch_path (tested).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from kvtier.transfer.device_kv import DeviceKV
+
+# Element size -> (numpy, torch) integer dtypes the rows are moved as.
+_ELEM: dict[int, tuple[type[np.integer], torch.dtype]] = {
+    8: (np.int64, torch.int64),
+    4: (np.int32, torch.int32),
+    2: (np.int16, torch.int16),
+    1: (np.uint8, torch.uint8),
+}
+
+
+def _widest(values: Sequence[int]) -> int:
+    """Largest element size in bytes that divides every address and stride in `values`."""
+    for size in (8, 4, 2):
+        if all(v % size == 0 for v in values):
+            return size
+    return 1
+
+
+def _runs(slots: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) index ranges of `slots` whose slots are consecutive ascending numbers."""
+    if slots.size == 0:
+        return []
+    cut = np.flatnonzero(np.diff(slots) != 1) + 1
+    edges = [0, *cut.tolist(), int(slots.size)]
+    return list(itertools.pairwise(edges))
+
+
+class RowCopier:
+    """Copies pages between a CPU DeviceKV and host slot payloads, one row copy per block.
+
+    Built once per (DeviceKV, host view) and reused; it holds the DeviceKV so the planes it
+    addresses stay alive. Not thread-safe for concurrent calls that write the same memory (the
+    engine runs CPU jobs one at a time)."""
+
+    def __init__(self, dkv: DeviceKV, host: torch.Tensor) -> None:
+        if dkv.device.type != "cpu" or host.device.type != "cpu":
+            raise ValueError("RowCopier copies CPU memory only")
+        self.dkv = dkv
+        isz = dkv.geometry.itemsize
+        addrs = dkv.plane_addrs()
+        base = min(addrs)
+        top = max(
+            a + ((int(p.shape[0]) - 1) * p.stride(0) + dkv.block_elems) * isz
+            for a, p in zip(addrs, dkv.planes)
+        )
+        strides = [s * isz for s in dkv.row_strides()]
+        slot_addr, slot_stride = host.data_ptr(), host.stride(0) * host.element_size()
+        self.elem = _widest(
+            [a - base for a in addrs] + strides + [dkv.block_bytes, slot_addr, slot_stride]
+        )
+        dtype, tdtype = _ELEM[self.elem]
+        self.row_elems = dkv.block_bytes // self.elem
+        span = (top - base) // self.elem
+        raw = (ctypes.c_char * (span * self.elem)).from_address(base)
+        flat = np.frombuffer(memoryview(raw), dtype=dtype)
+        # Row r = elements [r, r + row_elems) of the span: rows overlap, which is the point.
+        self._rows_np = np.lib.stride_tricks.as_strided(
+            flat, (span - self.row_elems + 1, self.row_elems), (self.elem, self.elem)
+        )
+        self._rows_t = torch.from_numpy(flat).as_strided(
+            (span - self.row_elems + 1, self.row_elems), (1, 1)
+        )
+        self._off = np.array([(a - base) // self.elem for a in addrs], dtype=np.int64)
+        self._step = np.array([s // self.elem for s in strides], dtype=np.int64)
+        self._limit = dkv.num_blocks
+        n_planes, n = dkv.num_planes, dkv.blocks_per_page
+        # Host payloads as [num_slots, planes * blocks_per_page, row_elems] in the wide dtype.
+        self.host = host.view(torch.uint8).view(tdtype)
+        self.host = self.host.view(host.shape[0], n_planes * n, self.row_elems)
+        self._host_np = self.host.numpy()
+
+    def _row_ids(self, blocks: np.ndarray, planes: np.ndarray) -> np.ndarray:
+        """[N, len(planes) * n] row numbers of every page's blocks, plane-major (blob order)."""
+        if blocks.size and (int(blocks.min()) < 0 or int(blocks.max()) >= self._limit):
+            raise ValueError(f"block out of range [0, {self._limit})")
+        off, step = self._off[planes][None, :, None], self._step[planes][None, :, None]
+        return (off + blocks[:, None, :] * step).reshape(blocks.shape[0], -1)
+
+    def store(self, blocks: torch.Tensor, slots: torch.Tensor) -> None:
+        """Copy the pages made of `blocks` ([N, n]) into host slots `slots` ([N])."""
+        if slots.numel() == 0:
+            return
+        blk = blocks.numpy().reshape(int(slots.numel()), -1)
+        sl = slots.numpy().reshape(-1)
+        ids = torch.from_numpy(self._row_ids(blk, np.arange(self.dkv.num_planes)))
+        want = (ids.shape[1], self.row_elems)
+        # One call per page: slot payloads are not adjacent (headers sit between them).
+        for i, s in enumerate(sl.tolist()):
+            out = self.host[s]
+            if tuple(out.shape) != want:  # index_select would resize `out`, not fail
+                raise RuntimeError(f"host slot view {tuple(out.shape)} does not hold {want}")
+            torch.index_select(self._rows_t, 0, ids[i], out=out)
+
+    def load(
+        self, slots: torch.Tensor, blocks: torch.Tensor, planes: Sequence[int] | None = None
+    ) -> None:
+        """Copy host slots `slots` into the blocks `blocks`, only the given planes (default:
+        every plane a load writes, see DeviceKV.write_planes)."""
+        todo = np.array(self.dkv.write_planes() if planes is None else list(planes), np.int64)
+        if slots.numel() == 0 or todo.size == 0:
+            return
+        blk = blocks.numpy().reshape(int(slots.numel()), -1)
+        sl = slots.numpy().reshape(-1)
+        ids = self._row_ids(blk, todo)
+        dense = bool(np.all(np.diff(todo) == 1))
+        n = self.dkv.blocks_per_page
+        for lo, hi in _runs(sl):
+            first = int(sl[lo])
+            src = self._host_np[first : first + hi - lo]
+            if dense:
+                src = src[:, int(todo[0]) * n : (int(todo[-1]) + 1) * n]
+            else:  # alias groups skip planes: pick the written ones (a small temporary)
+                src = src.reshape(hi - lo, -1, n, self.row_elems)[:, todo]
+            self._rows_np[ids[lo:hi]] = src.reshape(hi - lo, -1, self.row_elems)
+
