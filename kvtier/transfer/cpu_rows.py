@@ -17,12 +17,18 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from kvtier.transfer.device_kv import DeviceKV
+
+# Jobs from this size on are split over at most this many threads (measured on 2 cores: loads
+# 0.54 -> 0.70-0.80 of memcpy, stores 0.25-0.45 -> 0.35-0.62, interleaved A/B runs).
+_THREAD_MIN_BYTES = 2 << 20
+_MAX_THREADS = 4
 
 # Element size -> (numpy, torch) integer dtypes the rows are moved as.
 _ELEM: dict[int, tuple[type[np.integer], torch.dtype]] = {
@@ -93,6 +99,7 @@ class RowCopier:
         self.host = host.view(torch.uint8).view(tdtype)
         self.host = self.host.view(host.shape[0], n_planes * n, self.row_elems)
         self._host_np = self.host.numpy()
+        self._pool: ThreadPoolExecutor | None = None
 
     def _row_ids(self, blocks: np.ndarray, planes: np.ndarray) -> np.ndarray:
         """[N, len(planes) * n] row numbers of every page's blocks, plane-major (blob order)."""
@@ -109,12 +116,16 @@ class RowCopier:
         sl = slots.numpy().reshape(-1)
         ids = torch.from_numpy(self._row_ids(blk, np.arange(self.dkv.num_planes)))
         want = (ids.shape[1], self.row_elems)
-        # One call per page: slot payloads are not adjacent (headers sit between them).
-        for i, s in enumerate(sl.tolist()):
-            out = self.host[s]
-            if tuple(out.shape) != want:  # index_select would resize `out`, not fail
-                raise RuntimeError(f"host slot view {tuple(out.shape)} does not hold {want}")
-            torch.index_select(self._rows_t, 0, ids[i], out=out)
+        for s in sl.tolist():  # index_select would resize a wrong `out`, not fail
+            if tuple(self.host[s].shape) != want:
+                raise RuntimeError(f"host slot view {tuple(self.host[s].shape)} holds no {want}")
+
+        def part(lo: int, hi: int) -> None:
+            # One call per page: slot payloads are not adjacent (headers sit between them).
+            for i in range(lo, hi):
+                torch.index_select(self._rows_t, 0, ids[i], out=self.host[int(sl[i])])
+
+        self._split(part, int(sl.size), ids.numel() * self.dkv.block_bytes)
 
     def load(
         self, slots: torch.Tensor, blocks: torch.Tensor, planes: Sequence[int] | None = None
@@ -129,12 +140,32 @@ class RowCopier:
         ids = self._row_ids(blk, todo)
         dense = bool(np.all(np.diff(todo) == 1))
         n = self.dkv.blocks_per_page
-        for lo, hi in _runs(sl):
-            first = int(sl[lo])
-            src = self._host_np[first : first + hi - lo]
-            if dense:
-                src = src[:, int(todo[0]) * n : (int(todo[-1]) + 1) * n]
-            else:  # alias groups skip planes: pick the written ones (a small temporary)
-                src = src.reshape(hi - lo, -1, n, self.row_elems)[:, todo]
-            self._rows_np[ids[lo:hi]] = src.reshape(hi - lo, -1, self.row_elems)
 
+        def part(a: int, b: int) -> None:
+            for lo, hi in _runs(sl[a:b]):
+                lo, hi = lo + a, hi + a
+                first = int(sl[lo])
+                src = self._host_np[first : first + hi - lo]
+                if dense:
+                    src = src[:, int(todo[0]) * n : (int(todo[-1]) + 1) * n]
+                else:  # alias groups skip planes: pick the written ones (a small temporary)
+                    src = src.reshape(hi - lo, -1, n, self.row_elems)[:, todo]
+                self._rows_np[ids[lo:hi]] = src.reshape(hi - lo, -1, self.row_elems)
+
+        self._split(part, int(sl.size), ids.size * self.dkv.block_bytes)
+
+    def _split(self, part: Callable[[int, int], None], pages: int, nbytes: int) -> None:
+        """Run part(lo, hi) over page ranges covering [0, pages), on several threads when the
+        job is large: one core alone reaches about half of memcpy speed on scattered rows,
+        and both the index_select and the numpy row copies release the GIL."""
+        workers = min(_MAX_THREADS, torch.get_num_threads(), pages)
+        if workers < 2 or nbytes < _THREAD_MIN_BYTES:
+            part(0, pages)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(_MAX_THREADS - 1, thread_name_prefix="kvtier-rows")
+        edges = [pages * w // workers for w in range(workers + 1)]
+        futures = [self._pool.submit(part, lo, hi) for lo, hi in itertools.pairwise(edges[1:])]
+        part(edges[0], edges[1])
+        for f in futures:
+            f.result()

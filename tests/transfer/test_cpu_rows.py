@@ -103,3 +103,25 @@ def test_refuses_non_cpu_memory() -> None:
     dkv, _, host, _, _ = _pair("vllm", g, 4, 4, seed=3)
     with pytest.raises(ValueError, match="CPU memory only"):
         RowCopier(dkv, host.to("meta"))
+
+
+@pytest.mark.parametrize("kind", ["vllm", "vllm_shared", "cross_layer"])
+def test_threaded_split_matches_reference(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvtier.transfer.cpu_rows as cpu_rows
+
+    monkeypatch.setattr(cpu_rows, "_THREAD_MIN_BYTES", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    g = KVGeometry(4, 2, 16, 8, "bfloat16")
+    dkv, ref, host, ref_host, pools = _pair(kind, g, 4, 40, seed=5)
+    blocks = torch.randperm(40, generator=torch.Generator().manual_seed(5))[:38].view(19, 2)
+    slots = torch.tensor([*range(3, 12), 30, 29, 20, *range(33, 40)])  # runs and singles
+    rows = RowCopier(dkv, host)
+    rows.store(blocks, slots)
+    store_cpu(ref, ref_host, blocks, slots)
+    assert torch.equal(pools[0].payloads(), pools[1].payloads())
+    back = blocks.flip(0)
+    rows.load(slots, back)
+    load_cpu(ref, ref_host, slots, back)
+    for a, b in zip(dkv.planes, ref.planes):
+        assert torch.equal(a, b)
+    assert rows._pool is not None
