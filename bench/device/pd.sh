@@ -32,7 +32,8 @@ nvidia-smi topo -m >"$OUT/topo.txt" 2>&1 || true
 status=0
 if [ "${TESTS:-1}" != 0 ]; then
     timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/transfer/test_registration.py \
-        tests/transfer/test_handshake.py tests/transfer/test_nixl_transport.py tests/transfer/test_nixl_packed.py 2>&1 \
+        tests/transfer/test_handshake.py tests/transfer/test_nixl_transport.py tests/transfer/test_nixl_packed.py \
+        tests/transfer/test_pack_rows.py 2>&1 \
         | grep -v "NIXL INFO" | tee "$OUT/tests.log" || true
     # a test failure fails the script at the end; the bench still runs (it verifies its own bytes)
     if ! grep -q " passed" "$OUT/tests.log" || grep -q -E "[0-9]+ (failed|error)" "$OUT/tests.log"

@@ -229,7 +229,8 @@ def _round(tx: Any, q: Any, out: Any, name: str, mode: str, parts: int, repeat: 
     mode "transfer": the handles prepared once (split into `parts`) and posted again per
     request, as an engine does for a fixed block table; the time runs from post to done;
     mode "packed": send_packed() per request (gather, one descriptor per staging slot,
-    scatter), timed until the receiver has scattered the last chunk.
+    scatter), timed until the receiver has scattered the last chunk; "packed-flat": the same
+    with every chunk a full slot (no ramp).
     """
     ids = [f"{name}-{mode}-{parts}-{i}" for i in range(repeat + 1)]
     q.put(("case", name, ids, dst))
@@ -238,11 +239,15 @@ def _round(tx: Any, q: Any, out: Any, name: str, mode: str, parts: int, repeat: 
     times: list[float] = []
     if mode == "request":
         reports = [tx.send(rid, {0: src}, {0: dst}) for rid in ids]
-    elif mode == "packed":
+    elif mode.startswith("packed"):
         reports, phases = [], []
-        for rid in ids:
-            reports.append(tx.send_packed(rid, {0: src}, {0: dst}))
-            phases.append(tx.last_phases)
+        ramp, tx.ramp = tx.ramp, (0 if mode == "packed-flat" else tx.ramp)
+        try:
+            for rid in ids:
+                reports.append(tx.send_packed(rid, {0: src}, {0: dst}))
+                phases.append(tx.last_phases)
+        finally:
+            tx.ramp = ramp
     else:
         prepared = tx.prepare({0: src}, {0: dst}, parts=parts)
         try:
@@ -257,7 +262,7 @@ def _round(tx: Any, q: Any, out: Any, name: str, mode: str, parts: int, repeat: 
     row = {"case": name, "mode": mode, "parts": parts, "bytes": nbytes,
            "descriptors": reports[0].descriptors, "gbps": nbytes / times[0] / 1e9,
            "median_gbps": nbytes / times[len(times) // 2] / 1e9}
-    if mode == "packed":  # mean CPU-side seconds per phase over the timed requests
+    if mode.startswith("packed"):  # mean CPU-side seconds per phase over the timed requests
         row["phases_ms"] = {k: 1e3 * sum(p[k] for p in phases[1:]) / max(len(phases) - 1, 1)
                             for k in phases[0]}
     return row
@@ -306,7 +311,8 @@ def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[i
         with PackedSender(spec, tensors, FP, slots=4,
                       timeout=120, backend_params=_params(workers)) as tx:
             tx.connect(host, port)
-            plan = [("request", 1)] + [("transfer", p) for p in parts] + [("packed", 1)]
+            plan = [("request", 1)] + [("transfer", p) for p in parts] + \
+                [("packed", 1), ("packed-flat", 1)]
             for name, (src, dst) in _cases(blocks).items():
                 expect = _digest(spec, tensors, src)
                 for mode, p in plan:

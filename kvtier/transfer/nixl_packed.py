@@ -9,7 +9,8 @@ receiver's scatter of chunk c-1 run while chunk c crosses the link.
 
 Protocol, NIXL notifications (JSON, validated; nothing from a peer is unpickled):
 - sender -> receiver, before any data: {"v", "k": "pk", "req", "fp", "ids": {group: [dst]},
-  "bytes", "slot", "n"}: the request, the receiver's blocks, slot size and chunk count;
+  "bytes", "slot", "first", "n"}: the request, the receiver's blocks, slot size, the chunk
+  ramp (kvtier.transfer.pack_plan) and chunk count;
 - sender -> receiver, attached to chunk c's WRITE (so it arrives after the bytes):
   {"v", "k": "pc", "req", "c", "s"};
 - receiver -> sender once chunk c left slot s: {"v", "k": "pf", "req", "c", "s"}, or
@@ -35,6 +36,7 @@ from kvtier.errors import ConfigError
 from kvtier.transfer.handshake import MAX_JSON, VERSION
 from kvtier.transfer.nixl_transport import KVReceiver
 from kvtier.transfer.pack_plan import Piece, Plane, chunk_plan
+from kvtier.transfer.pack_rows import PackRows, kernels_for
 from kvtier.transfer.registration import TensorMemory
 
 
@@ -57,6 +59,9 @@ def parse_message(msg: bytes) -> dict[str, Any] | None:
             doc["ids"] = {int(g): [int(b) for b in ids] for g, ids in doc["ids"].items()}
             doc["fp"] = bytes.fromhex(doc["fp"])
             doc["bytes"], doc["slot"], doc["n"] = int(doc["bytes"]), int(doc["slot"]), int(doc["n"])
+            doc["first"] = int(doc.get("first", 0))
+            if doc["first"] < 0:
+                return None
         elif doc["k"] in ("pc", "pf"):
             doc["c"], doc["s"] = int(doc["c"]), int(doc["s"])
         return dict(doc)
@@ -92,22 +97,6 @@ class Staging:
             self.reg = None
 
 
-def plane_rows(tensors: Mapping[str, torch.Tensor], p: Plane, num_blocks: int) -> torch.Tensor:
-    flat = tensors[p.tensor].reshape(-1).view(torch.uint8)
-    return flat[p.offset : p.offset + num_blocks * p.row_bytes].view(num_blocks, p.row_bytes)
-
-
-def widest(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two [n, row] uint8 tables viewed as the widest integer type both allow: torch's
-    index_select / index_copy_ move wide elements several times faster than bytes."""
-    row = a.shape[1]
-    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
-        if row % size == 0 and a.storage_offset() % size == 0 \
-                and b.storage_offset() % size == 0:
-            return a.view(dtype), b.view(dtype)
-    return a, b
-
-
 def byte_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorMemory]:
     return {k: TensorMemory.of(v) for k, v in tensors.items()}
 
@@ -119,7 +108,7 @@ class _Job:
     note: dict[str, Any]
     planes: list[Plane]
     chunks: list[list[Piece]]
-    ids: dict[int, torch.Tensor]
+    rows: PackRows
     done: int = 0
     seen: set[int] = field(default_factory=set)
     last: float = field(default_factory=time.monotonic)  # last sign of progress
@@ -136,6 +125,7 @@ class PackedReceiver(KVReceiver):
         device = next(iter(tensors.values())).device
         self.staging = Staging(self.agent, self.mem_type, device, slot_bytes, slots)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._kernels = kernels_for(device)
         self._jobs: dict[str, _Job] = {}
         self._early: dict[str, list[dict[str, Any]]] = {}  # chunks that beat their "pk"
         self._early_at: dict[str, float] = {}
@@ -211,16 +201,16 @@ class PackedReceiver(KVReceiver):
         try:
             self.plan.check_blocks(doc["ids"])
             ps, chunks = chunk_plan(self.plan.spec, {g: len(v) for g, v in doc["ids"].items()},
-                                    self.staging.slot_bytes)
+                                    self.staging.slot_bytes, doc["first"])
         except ConfigError as exc:
             return self._refuse(doc, str(exc))
         if len(chunks) != doc["n"]:
             return self._refuse(doc, f"{doc['n']} chunks announced, {len(chunks)} planned")
-        device = self.staging.buf.device
-        ids = {g: torch.tensor(v, dtype=torch.long, device=device) for g, v in doc["ids"].items()}
+        rows = PackRows(self.torch_tensors, ps, chunks, doc["ids"], self.plan.spec.num_blocks,
+                        self.staging.buf, self._kernels)
         note = {"req": req, "fp": doc["fp"], "blocks": {g: v for g, v in doc["ids"].items() if v},
                 "bytes": doc["bytes"]}
-        job = _Job(note, ps, chunks, ids)
+        job = _Job(note, ps, chunks, rows)
         self._jobs[req] = job
         if not chunks:
             self._finish(req, job)
@@ -234,15 +224,10 @@ class PackedReceiver(KVReceiver):
         if not (0 <= c < len(job.chunks)) or not (0 <= s < self.staging.slots) or c in job.seen:
             return self._refuse(doc, f"bad chunk {c} / slot {s}")
         job.seen.add(c)
-        slot = self.staging.slot(s)
-        spec = self.plan.spec
+        if self._stream is not None:  # the tables were uploaded on the current stream
+            self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
         with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
-            for piece in job.chunks[c]:
-                p = job.planes[piece.plane]
-                n = piece.hi - piece.lo
-                src = slot[piece.at : piece.at + n * p.row_bytes].view(n, p.row_bytes)
-                rows, src = widest(plane_rows(self.torch_tensors, p, spec.num_blocks), src)
-                rows.index_copy_(0, job.ids[p.group][piece.lo : piece.hi], src)
+            job.rows.scatter(c, s * self.staging.stride)
             event = None
             if self._stream is not None:
                 event = torch.cuda.Event()

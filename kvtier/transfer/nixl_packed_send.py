@@ -22,16 +22,10 @@ import torch
 from kvtier.errors import ConfigError
 from kvtier.transfer.handshake import HandshakeError, PeerGone, TransferError
 from kvtier.transfer.nixl_endpoint import TransferReport
-from kvtier.transfer.nixl_packed import (
-    Staging,
-    byte_tensors,
-    message,
-    parse_message,
-    plane_rows,
-    widest,
-)
+from kvtier.transfer.nixl_packed import Staging, byte_tensors, message, parse_message
 from kvtier.transfer.nixl_transport import KVSender
 from kvtier.transfer.pack_plan import chunk_bytes, chunk_plan
+from kvtier.transfer.pack_rows import PackRows, kernels_for
 from kvtier.transfer.registration import paired_runs
 
 
@@ -69,15 +63,19 @@ class PackedSender(KVSender):
     the engine's torch tensors (the gather indexes them). Not thread-safe."""
 
     def __init__(self, spec: Any, tensors: Mapping[str, torch.Tensor], fingerprint: bytes,
-                 *, slots: int = 4, packed_below: int = 4 << 20, **kwargs: Any) -> None:
+                 *, slots: int = 4, packed_below: int = 4 << 20, ramp: int = 8,
+                 **kwargs: Any) -> None:
         super().__init__(spec, byte_tensors(tensors), fingerprint, **kwargs)
         self.packed_below = packed_below
+        # first chunk = slot / ramp, doubling up to a slot, halving at the end (0 = flat)
+        self.ramp = ramp
         self.torch_tensors = dict(tensors)
         self.device = next(iter(tensors.values())).device
         self.max_slots = slots
         self.remote_staging: RemoteStaging | None = None
         self.staging: Staging | None = None  # allocated on the first packed send
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._kernels = kernels_for(self.device)
         self._handles: dict[tuple[int, int], Any] = {}
         # seconds the last send_packed spent per phase (CPU side): where a slow request waits
         self.last_phases: dict[str, float] = {}
@@ -176,14 +174,16 @@ class PackedSender(KVSender):
                               f"as many blocks per group as src: {want}")
         self.plan.check_blocks(src)
         self.remote_plan.check_blocks(dst)
+        first = rs.slot_bytes // self.ramp if self.ramp > 1 else 0
         ps, chunks = chunk_plan(self.plan.spec, {g: len(v) for g, v in src.items()},
-                                rs.slot_bytes)
+                                rs.slot_bytes, first)
         st = self._local_staging(rs)
         total = sum(chunk_bytes(ps, c) for c in chunks)
-        ids = {g: torch.tensor(v, dtype=torch.long, device=self.device) for g, v in src.items()}
+        rows = PackRows(self.torch_tensors, ps, chunks, src, self.plan.spec.num_blocks, st.buf,
+                        self._kernels)
         begin = message("pk", request_id, fp=self.fingerprint.hex(),
                         ids={str(g): v for g, v in dst.items()}, bytes=total,
-                        slot=rs.slot_bytes, n=len(chunks))
+                        slot=rs.slot_bytes, first=first, n=len(chunks))
         if self._stream is not None:  # gathers read what the caller's stream wrote
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
         k = st.slots
@@ -217,16 +217,9 @@ class PackedSender(KVSender):
             self._wait_until(polled, request_id, deadline, "receiver did not keep up")
 
         def gather(c: int) -> None:
-            slot = st.slot(c % k)
             ctx = torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
             with ctx:
-                for piece in chunks[c]:
-                    p = ps[piece.plane]
-                    n = piece.hi - piece.lo
-                    out = slot[piece.at : piece.at + n * p.row_bytes].view(n, p.row_bytes)
-                    rows = plane_rows(self.torch_tensors, p, self.plan.spec.num_blocks)
-                    rows, out = widest(rows, out)
-                    torch.index_select(rows, 0, ids[p.group][piece.lo : piece.hi], out=out)
+                rows.gather(c, (c % k) * st.stride)
                 if self._stream is not None:
                     events[c] = torch.cuda.Event()
                     events[c].record(self._stream)

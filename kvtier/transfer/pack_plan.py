@@ -55,23 +55,41 @@ def planes(spec: KVCacheSpec, groups: Mapping[int, int]) -> list[Plane]:
     return out
 
 
-def chunk_plan(spec: KVCacheSpec, groups: Mapping[int, int],
-               slot_bytes: int) -> tuple[list[Plane], list[list[Piece]]]:
+def _budget(index: int, done: int, total: int, slot_bytes: int, first: int) -> int:
+    """Bytes chunk `index` may take when `done` of `total` bytes are planned. With a ramp
+    (0 < first < slot_bytes) chunks grow from `first` by doubling and shrink by halving over
+    the last bytes, so the first gather and the last scatter, which no transfer hides, are
+    short; without one every chunk is a full slot."""
+    if not 0 < first < slot_bytes:
+        return slot_bytes
+    left = total - done
+    if left <= 2 * first:
+        return min(slot_bytes, left)
+    return min(slot_bytes, first << min(index, 62), max(first, left // 2))
+
+
+def chunk_plan(spec: KVCacheSpec, groups: Mapping[int, int], slot_bytes: int,
+               first: int = 0) -> tuple[list[Plane], list[list[Piece]]]:
     """(planes, chunks): every plane's rows cut into chunks of at most `slot_bytes` bytes,
-    whole rows only. Raises ConfigError when one row does not fit a slot."""
+    whole rows only, ramped from `first` bytes when 0 < first < slot_bytes (see _budget).
+    Raises ConfigError when one row does not fit a slot."""
     ps = planes(spec, groups)
+    total = sum(groups[p.group] * p.row_bytes for p in ps)
     chunks: list[list[Piece]] = []
     cur: list[Piece] = []
-    used = 0
+    used = done = 0
+    cap = _budget(0, 0, total, slot_bytes, first)
     for i, p in enumerate(ps):
         if p.row_bytes > slot_bytes:
             raise ConfigError("staging slot_bytes", slot_bytes, f">= one block row ({p.row_bytes})")
         n, lo = groups[p.group], 0
         while lo < n:
-            fit = (slot_bytes - used) // p.row_bytes
-            if fit == 0:
+            fit = (max(cap, p.row_bytes if not cur else 0) - used) // p.row_bytes
+            if fit <= 0:
                 chunks.append(cur)
+                done += used
                 cur, used = [], 0
+                cap = _budget(len(chunks), done, total, slot_bytes, first)
                 continue
             hi = min(n, lo + fit)
             cur.append(Piece(i, lo, hi, used))

@@ -1,6 +1,6 @@
 # mypy: disable-error-code="no-untyped-def"
 """Triton kernels: page copies straight between device blocks and mapped pinned host memory,
-and layout conversion on the device.
+layout conversion on the device, and the row copies of packed NIXL transfers.
 
 Importing this module needs `triton`; the copy engine imports it lazily and falls back to DMA or
 torch when it is missing. Both kernels also run under `TRITON_INTERPRET=1` on CPU tensors, which
@@ -143,3 +143,35 @@ def permute_runs_kernel(
         mask = (rows < n_rows)[:, None]
         x = tl.load(src + src_off[:, None] + cols[None, :], mask=mask)
         tl.store(dst + dst_off[:, None] + cols[None, :], x, mask=mask)
+
+
+@triton.jit
+def copy_rows_kernel(
+    src_base,
+    dst_base,
+    src_off,
+    dst_off,
+    src_add,
+    dst_add,
+    n_rows,
+    ROW: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGN: tl.constexpr,
+):
+    """Row r < n_rows: ROW elements from src_base + src_add + src_off[r] to dst_base + dst_add +
+    dst_off[r] (element offsets, int64; may be negative when a row lives in another tensor than
+    the base). Tiles: n_rows * cdiv(ROW, BLOCK); any grid size from 1 covers them (persistent
+    grid). ALIGN: every offset and ROW is a multiple of ALIGN elements (vector width)."""
+    CHUNKS = (ROW + BLOCK - 1) // BLOCK
+    for tile in range(tl.program_id(0), n_rows * CHUNKS, tl.num_programs(0)):
+        t = tl.cast(tile, tl.int64)  # a plain int under the interpreter
+        chunk = t % CHUNKS
+        r = t // CHUNKS
+        s = tl.multiple_of(tl.load(src_off + r) + src_add, ALIGN)
+        d = tl.multiple_of(tl.load(dst_off + r) + dst_add, ALIGN)
+        offs = chunk * BLOCK + tl.arange(0, BLOCK)
+        if ROW % BLOCK == 0:
+            tl.store(dst_base + d + offs, tl.load(src_base + s + offs))
+        else:
+            mask = offs < ROW
+            tl.store(dst_base + d + offs, tl.load(src_base + s + offs, mask=mask), mask=mask)

@@ -32,13 +32,16 @@ KINDS = ["plain", "plain_kv_split", "hybrid", "mla"]
 
 @settings(max_examples=60, deadline=None)
 @given(kind=st.sampled_from(KINDS), counts=st.lists(st.integers(0, 9), min_size=4, max_size=4),
-       slot_rows=st.integers(1, 7))
-def test_chunk_plan_covers_every_row_once(kind: str, counts: list[int], slot_rows: int) -> None:
+       slot_rows=st.integers(1, 7), ramp=st.sampled_from([0, 0.3, 1, 2.5]))
+def test_chunk_plan_covers_every_row_once(kind: str, counts: list[int], slot_rows: int,
+                                          ramp: float) -> None:
     spec = make_spec(kind)
     groups = {g: counts[g] for g in range(len(spec.groups))}
     row = max(p.row_bytes for p in planes(spec, {g: 1 for g in groups}))
     slot = slot_rows * row + 17  # never a whole number of rows: chunks must stop early
-    ps, chunks = chunk_plan(spec, groups, slot)
+    ps, chunks = chunk_plan(spec, groups, slot, int(ramp * row))
+    flat = chunk_plan(spec, groups, slot)[1]
+    assert len(chunks) >= len(flat)  # a ramp only adds chunks
     seen: dict[int, list[int]] = {}
     for chunk in chunks:
         assert chunk and chunk_bytes(ps, chunk) <= slot
@@ -141,7 +144,7 @@ def test_send_auto_packs_scattered_blocks_and_sends_long_runs_direct() -> None:
     scattered = ({0: [1, 5, 9, 13]}, {0: [2, 6, 10, 14]})
     run = ({0: [0, 1, 2, 3]}, {0: [20, 21, 22, 23]})
     proc, out, host, port = _start("plain", [("a", scattered[1]), ("b", run[1])], slot)
-    tx, tensors = _sender("plain", packed_below=3 * spec.block_bytes(0))
+    tx, tensors = _sender("plain", packed_below=3 * spec.block_bytes(0), ramp=0)
     try:
         tx.connect(host, port)
         packed = tx.send_auto("a", *scattered)  # one block per descriptor: below the bar
@@ -150,7 +153,7 @@ def test_send_auto_packs_scattered_blocks_and_sends_long_runs_direct() -> None:
     finally:
         tx.close()
         proc.join(timeout=30)
-    assert packed.descriptors == 4  # chunks of one slot each (4 tensors of 4 blocks)
+    assert packed.descriptors == 4  # no ramp: chunks of one slot each (4 tensors of 4 blocks)
     assert direct.descriptors == len(spec.tensors)
     assert [r[0] for r in results] == ["ok", "ok"]
     expected = _expected(spec, tensors, [scattered, run])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
-import os
 import random
 from collections.abc import Iterator
 from types import ModuleType
@@ -15,6 +14,7 @@ from types import ModuleType
 import pytest
 import torch
 from transfer_kv_fixtures import build
+from triton_interp import interpreted_kernels
 
 from kvtier.geometry.layout_ops import convert as torch_convert
 from kvtier.geometry.layouts import Layout, shape
@@ -32,16 +32,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def kernels() -> Iterator[ModuleType]:
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    from kvtier.transfer import triton_kernels
-
-    yield importlib.reload(triton_kernels)
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
-    importlib.reload(triton_kernels)
+    with interpreted_kernels() as mod:
+        yield mod
 
 
 CASES = [

@@ -1,0 +1,179 @@
+"""The gathers and scatters of a packed transfer: one row-copy kernel launch per chunk.
+
+A chunk (kvtier.transfer.pack_plan) is a list of pieces, "rows ids[lo:hi] of plane p at byte
+`at` of the slot". Launching one index_select / index_copy_ per piece cost 0.15-0.3 ms of CPU
+per chunk on 2x H200 (bench/results/pd-h200x2-2026-11-22-run3.md, run 5), and index_copy_ into
+scattered rows was the slowest step of a request. `PackRows` turns a request's pieces into two
+int64 tables per chunk (row offsets in the engine's memory, row offsets in the slot), uploads
+them once per request, and moves a chunk with one launch of
+kvtier.transfer.triton_kernels.copy_rows_kernel per row size (one for most models).
+
+Without Triton (or on a CPU without the interpreter) the same methods fall back to the
+per-piece torch indexing, which the tests compare with the kernel bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping, Sequence
+from types import ModuleType
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from kvtier.transfer.pack_plan import Piece, Plane
+
+_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+# Elements per program step; 8 KiB of int64 keeps several 16-byte loads in flight per thread.
+_BLOCK_BYTES = 8192
+_PROGRAMS_PER_SM = 8
+
+
+def plane_rows(tensors: Mapping[str, torch.Tensor], p: Plane, num_blocks: int) -> torch.Tensor:
+    flat = tensors[p.tensor].reshape(-1).view(torch.uint8)
+    return flat[p.offset : p.offset + num_blocks * p.row_bytes].view(num_blocks, p.row_bytes)
+
+
+def widest(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two [n, row] uint8 tables viewed as the widest integer type both allow: torch's
+    index_select / index_copy_ move wide elements several times faster than bytes."""
+    row = a.shape[1]
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if row % size == 0 and a.storage_offset() % size == 0 \
+                and b.storage_offset() % size == 0:
+            return a.view(dtype), b.view(dtype)
+    return a, b
+
+
+def kernels_for(device: torch.device) -> ModuleType | None:
+    """The Triton kernels module when they can run on `device` (CUDA, or CPU tensors under
+    TRITON_INTERPRET=1), else None."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        from kvtier.transfer import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+class _Launch(NamedTuple):
+    """Rows [lo, hi) of the request tables, all `row` elements long."""
+
+    row: int
+    lo: int
+    hi: int
+
+
+class PackRows:
+    """One request's row tables. `ids[g]` are the request's block ids of group g on this side
+    (CPU ints); `slot_base` is the staging buffer every slot lies in. Immutable once built;
+    gather/scatter enqueue on the current stream and return at once."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], planes: Sequence[Plane],
+                 chunks: Sequence[Sequence[Piece]], ids: Mapping[int, Sequence[int]],
+                 num_blocks: int, slot_base: torch.Tensor,
+                 kernels: ModuleType | None = None) -> None:
+        self.tensors, self.planes, self.chunks = tensors, list(planes), chunks
+        self.num_blocks = num_blocks
+        self.slot_base = slot_base
+        self.kernels = kernels
+        dev = slot_base.device
+        self.sms = torch.cuda.get_device_properties(dev).multi_processor_count \
+            if dev.type == "cuda" else 1
+        if kernels is not None:
+            self._build_tables({g: np.asarray(v, dtype=np.int64) for g, v in ids.items()})
+        else:
+            self.ids = {g: torch.tensor(list(v), dtype=torch.long, device=dev)
+                        for g, v in ids.items()}
+
+    def _build_tables(self, ids: Mapping[int, np.ndarray]) -> None:
+        # Offsets are counted from the lowest engine tensor, so none is negative (the Triton
+        # interpreter adds them to unsigned addresses).
+        first = min(self.tensors.values(), key=lambda t: int(t.data_ptr()))
+        base = int(first.data_ptr())
+        starts = [int(self.tensors[p.tensor].data_ptr()) + p.offset - base for p in self.planes]
+        vals = [*starts, *(p.row_bytes for p in self.planes), base, self.slot_base.data_ptr()]
+        e = next(s for s in (8, 4, 2, 1) if all(v % s == 0 for v in vals))
+        vec = next(s for s in (16, 8, 4, 2, 1) if all(v % s == 0 for v in vals))
+        self.elem, self.align = e, max(1, vec // e)
+        flat = first.reshape(-1).view(torch.uint8)
+        self.base = flat[: flat.numel() // e * e].view(_DTYPES[e])
+        slots = self.slot_base.view(torch.uint8)
+        self.slots = slots[: slots.numel() // e * e].view(_DTYPES[e])
+        plane_off: list[np.ndarray] = []
+        slot_off: list[np.ndarray] = []
+        self.launches: list[list[_Launch]] = []
+        n = 0
+        for chunk in self.chunks:
+            runs: list[_Launch] = []
+            for piece in sorted(chunk, key=lambda c: self.planes[c.plane].row_bytes):
+                p = self.planes[piece.plane]
+                row = p.row_bytes // e
+                rows = ids[p.group][piece.lo : piece.hi]
+                plane_off.append(starts[piece.plane] // e + rows * row)
+                slot_off.append(piece.at // e + np.arange(rows.size, dtype=np.int64) * row)
+                if runs and runs[-1].row == row and runs[-1].hi == n:
+                    runs[-1] = runs[-1]._replace(hi=n + rows.size)
+                else:
+                    runs.append(_Launch(row, n, n + rows.size))
+                n += rows.size
+            self.launches.append(runs)
+        dev = self.slot_base.device
+        empty = np.zeros(0, np.int64)
+        self.plane_off = torch.from_numpy(np.concatenate(plane_off or [empty])).to(dev)
+        self.slot_off = torch.from_numpy(np.concatenate(slot_off or [empty])).to(dev)
+
+    def gather(self, c: int, slot_at: int) -> None:
+        """Copy chunk c's rows from the engine's tensors into the slot at byte `slot_at` of
+        the staging buffer."""
+        if self.kernels is None:
+            return self._torch(c, slot_at, to_slot=True)
+        self._launch(c, slot_at, to_slot=True)
+
+    def scatter(self, c: int, slot_at: int) -> None:
+        """Copy chunk c's rows from the slot at byte `slot_at` into the engine's tensors."""
+        if self.kernels is None:
+            return self._torch(c, slot_at, to_slot=False)
+        self._launch(c, slot_at, to_slot=False)
+
+    def _launch(self, c: int, slot_at: int, to_slot: bool) -> None:
+        assert self.kernels is not None
+        shift = slot_at // self.elem
+        if self.slot_base.device.type == "cuda":  # the tables live until this stream is done
+            stream = torch.cuda.current_stream(self.slot_base.device)
+            self.plane_off.record_stream(stream)
+            self.slot_off.record_stream(stream)
+        dev = self.slot_base.device
+        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+            self._launch_runs(c, shift, to_slot)
+
+    def _launch_runs(self, c: int, shift: int, to_slot: bool) -> None:
+        assert self.kernels is not None
+        for run in self.launches[c]:
+            block = min(_BLOCK_BYTES // self.elem, 1 << (run.row - 1).bit_length())
+            tiles = (run.hi - run.lo) * -(-run.row // block)
+            grid = (max(1, min(tiles, self.sms * _PROGRAMS_PER_SM)),)
+            po, so = self.plane_off[run.lo : run.hi], self.slot_off[run.lo : run.hi]
+            if to_slot:
+                args = (self.base, self.slots, po, so, 0, shift)
+            else:
+                args = (self.slots, self.base, so, po, shift, 0)
+            self.kernels.copy_rows_kernel[grid](
+                *args, run.hi - run.lo, ROW=run.row, BLOCK=block, ALIGN=self.align,
+                num_warps=4)
+
+    def _torch(self, c: int, slot_at: int, to_slot: bool) -> None:
+        slot = self.slot_base.view(torch.uint8)[slot_at:]
+        for piece in self.chunks[c]:
+            p = self.planes[piece.plane]
+            n = piece.hi - piece.lo
+            part = slot[piece.at : piece.at + n * p.row_bytes].view(n, p.row_bytes)
+            rows, part = widest(plane_rows(self.tensors, p, self.num_blocks), part)
+            ids = self.ids[p.group][piece.lo : piece.hi]
+            if to_slot:
+                torch.index_select(rows, 0, ids, out=part)
+            else:
+                rows.index_copy_(0, ids, part)
