@@ -61,9 +61,9 @@ for v in $VARIANTS; do
     case $v in
         base-8k) run_bench base-8k 8192 80 64 UCX_PROTO_INFO=y ;;
         base-32k) run_bench base-32k 32768 200 64 ;;
-        s128-8k) run_bench s128-8k 8192 80 128 ;;
+        s128-8k) run_bench s128-8k 8192 110 128 ;;
         s32-8k) run_bench s32-8k 8192 80 32 ;;
-        s256-8k) run_bench s256-8k 8192 80 256 ;;
+        s256-8k) run_bench s256-8k 8192 110 256 ;;
         sgl-8k) run_bench sgl-8k 8192 80 64 NIXL_UCX_SGL_ENABLE=1 ;;
         *) echo "pd.sh: unknown variant $v" >&2; status=1 ;;
     esac
