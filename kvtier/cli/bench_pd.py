@@ -240,12 +240,13 @@ def _round(tx: Any, q: Any, out: Any, name: str, mode: str, parts: int, repeat: 
     if mode == "request":
         reports = [tx.send(rid, {0: src}, {0: dst}) for rid in ids]
     elif mode.startswith("packed"):
-        reports, phases = [], []
+        reports, phases, timelines = [], [], []
         ramp, tx.ramp = tx.ramp, (0 if mode == "packed-flat" else tx.ramp)
         try:
             for rid in ids:
                 reports.append(tx.send_packed(rid, {0: src}, {0: dst}))
                 phases.append(tx.last_phases)
+                timelines.append(tx.last_timeline)
         finally:
             tx.ramp = ramp
     else:
@@ -265,6 +266,9 @@ def _round(tx: Any, q: Any, out: Any, name: str, mode: str, parts: int, repeat: 
     if mode.startswith("packed"):  # mean CPU-side seconds per phase over the timed requests
         row["phases_ms"] = {k: 1e3 * sum(p[k] for p in phases[1:]) / max(len(phases) - 1, 1)
                             for k in phases[0]}
+        # per-chunk timeline of the median timed request (kvtier.transfer.nixl_packed_send)
+        timed = sorted(range(1, len(reports)), key=lambda i: reports[i].seconds)
+        row["timeline_ms"] = timelines[timed[len(timed) // 2]] if timed else []
     return row
 
 

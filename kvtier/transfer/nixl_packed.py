@@ -13,7 +13,8 @@ Protocol, NIXL notifications (JSON, validated; nothing from a peer is unpickled)
   ramp (kvtier.transfer.pack_plan) and chunk count;
 - sender -> receiver, attached to chunk c's WRITE (so it arrives after the bytes):
   {"v", "k": "pc", "req", "c", "s"};
-- receiver -> sender once chunk c left slot s: {"v", "k": "pf", "req", "c", "s"}, or
+- receiver -> sender once chunk c left slot s: {"v", "k": "pf", "req", "c", "s", "ta", "td"}
+  (when the chunk was announced and scattered, CLOCK_MONOTONIC seconds, for timelines), or
   {"v", "k": "pe", "req", "why"} when the receiver refuses the request.
 The sender reuses a slot only after its "pf"; `send_packed` returns after the last "pf", so
 its time covers the receiver's scatter too. The receiver checks the fingerprint and block ids
@@ -64,6 +65,7 @@ def parse_message(msg: bytes) -> dict[str, Any] | None:
                 return None
         elif doc["k"] in ("pc", "pf"):
             doc["c"], doc["s"] = int(doc["c"]), int(doc["s"])
+            doc["ta"], doc["td"] = float(doc.get("ta", 0.0)), float(doc.get("td", 0.0))
         return dict(doc)
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         return None
@@ -130,7 +132,8 @@ class PackedReceiver(KVReceiver):
         self._early: dict[str, list[dict[str, Any]]] = {}  # chunks that beat their "pk"
         self._early_at: dict[str, float] = {}
         self._dropped: dict[str, None] = {}  # refused or abandoned: later chunks are ignored
-        self._scattering: list[tuple[Any, str, int, int]] = []  # (event, req, chunk, slot)
+        # (event, req, chunk, slot, monotonic time the chunk's bytes were announced)
+        self._scattering: list[tuple[Any, str, int, int, float]] = []
 
     def _info_doc(self) -> dict[str, Any]:
         st = self.staging
@@ -208,8 +211,9 @@ class PackedReceiver(KVReceiver):
             return self._refuse(doc, f"{doc['n']} chunks announced, {len(chunks)} planned")
         rows = PackRows(self.torch_tensors, ps, chunks, doc["ids"], self.plan.spec.num_blocks,
                         self.staging.buf, self._kernels)
+        # "descriptors": one per chunk; wait() need not build the direct descriptors to count
         note = {"req": req, "fp": doc["fp"], "blocks": {g: v for g, v in doc["ids"].items() if v},
-                "bytes": doc["bytes"]}
+                "bytes": doc["bytes"], "descriptors": len(chunks)}
         job = _Job(note, ps, chunks, rows)
         self._jobs[req] = job
         if not chunks:
@@ -232,15 +236,18 @@ class PackedReceiver(KVReceiver):
             if self._stream is not None:
                 event = torch.cuda.Event()
                 event.record(self._stream)
-        self._scattering.append((event, doc["req"], c, s))
+        self._scattering.append((event, doc["req"], c, s, time.monotonic()))
 
     def _reap(self) -> None:
         keep = []
-        for event, req, c, s in self._scattering:
+        for item in self._scattering:
+            event, req, c, s, seen = item
             if event is not None and not event.query():
-                keep.append((event, req, c, s))
+                keep.append(item)
                 continue
-            self._tell(message("pf", req, c=c, s=s))
+            # ta / td: when the chunk was announced and scattered (CLOCK_MONOTONIC, which both
+            # sides of one host share), for the sender's timeline
+            self._tell(message("pf", req, c=c, s=s, ta=seen, td=time.monotonic()))
             job = self._jobs.get(req)
             if job is not None:
                 job.done += 1

@@ -79,6 +79,9 @@ class PackedSender(KVSender):
         self._handles: dict[tuple[int, int], Any] = {}
         # seconds the last send_packed spent per phase (CPU side): where a slow request waits
         self.last_phases: dict[str, float] = {}
+        # per chunk of the last send_packed, ms after its start: posted, local write seen done,
+        # receiver saw the bytes (ta), scattered them (td), sender saw that (pf)
+        self.last_timeline: list[dict[str, float]] = []
 
     def _adopt_peer(self, frame_doc: dict[str, Any], blob: bytes) -> None:
         staging = _remote_staging(frame_doc.get("staging"))
@@ -190,12 +193,18 @@ class PackedSender(KVSender):
         writes: dict[int, Any] = {}  # chunk -> handle in flight
         freed: set[int] = set()
         events: dict[int, Any] = {}
+        t_start = time.monotonic()
+        timeline: list[dict[str, float]] = [{} for _ in chunks]
+
+        def mark(c: int, key: str, at: float | None = None) -> None:
+            timeline[c][key] = round(1e3 * ((time.monotonic() if at is None else at) - t_start), 3)
 
         def poll() -> None:
             for c, h in list(writes.items()):
                 state = self.agent.check_xfer_state(h)
                 if state == "DONE":
                     del writes[c]
+                    mark(c, "done")
                 elif state != "PROC":
                     raise TransferError(f"request {request_id}: chunk {c} write {state}")
             for msgs in self.agent.get_new_notifs().values():
@@ -206,8 +215,11 @@ class PackedSender(KVSender):
                     if doc["k"] == "pe":
                         raise TransferError(f"request {request_id}: receiver refused: "
                                             f"{doc.get('why')}")
-                    if doc["k"] == "pf":
+                    if doc["k"] == "pf" and 0 <= doc["c"] < len(chunks):
                         freed.add(doc["c"])
+                        mark(doc["c"], "pf")
+                        mark(doc["c"], "ta", doc["ta"])
+                        mark(doc["c"], "td", doc["td"])
 
         def wait_for(ready: Callable[[], bool]) -> None:
             def polled() -> bool:
@@ -241,6 +253,7 @@ class PackedSender(KVSender):
                 if state == "ERR":
                     raise TransferError(f"request {request_id}: chunk {c} write refused")
                 writes[c] = h
+                mark(c, "post")
                 t2 = clock()
                 ph["sync"] += t1 - t0
                 ph["post"] += t2 - t1
@@ -259,6 +272,7 @@ class PackedSender(KVSender):
             wait_for(lambda: not writes and len(freed) == len(chunks))
             ph["ack_wait"] += clock() - t4
             self.last_phases = ph
+            self.last_timeline = timeline
         except TransferError:
             raise
         except Exception as exc:  # NIXL raises its own error types

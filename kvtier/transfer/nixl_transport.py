@@ -154,7 +154,9 @@ class KVReceiver(NixlEndpoint):
             raise FingerprintMismatch(f"request {request_id}: KV of namespace {note['fp'].hex()}")
         if note["blocks"] != want:
             raise TransferError(f"request {request_id}: blocks {note['blocks']} != {want}")
-        ndesc = len(self.plan.request_descriptors(want))
+        ndesc = note.get("descriptors")
+        if ndesc is None:
+            ndesc = len(self.plan.request_descriptors(want))
         return TransferReport(request_id, note["bytes"], ndesc, time.monotonic() - start)
 
 
