@@ -229,8 +229,8 @@ def _round(tx: Any, q: Any, out: Any, name: str, mode: str, parts: int, repeat: 
     mode "transfer": the handles prepared once (split into `parts`) and posted again per
     request, as an engine does for a fixed block table; the time runs from post to done;
     mode "packed": send_packed() per request (gather, one descriptor per staging slot,
-    scatter), timed until the receiver has scattered the last chunk; "packed-flat": the same
-    with every chunk a full slot (no ramp).
+    scatter), timed until the receiver has scattered the last chunk; "packed-ramp": the same
+    with chunks ramped from slot / 8 (kvtier.transfer.pack_plan).
     """
     ids = [f"{name}-{mode}-{parts}-{i}" for i in range(repeat + 1)]
     q.put(("case", name, ids, dst))
@@ -241,7 +241,7 @@ def _round(tx: Any, q: Any, out: Any, name: str, mode: str, parts: int, repeat: 
         reports = [tx.send(rid, {0: src}, {0: dst}) for rid in ids]
     elif mode.startswith("packed"):
         reports, phases, timelines = [], [], []
-        ramp, tx.ramp = tx.ramp, (0 if mode == "packed-flat" else tx.ramp)
+        ramp, tx.ramp = tx.ramp, (8 if mode == "packed-ramp" else 0)
         try:
             for rid in ids:
                 reports.append(tx.send_packed(rid, {0: src}, {0: dst}))
@@ -316,7 +316,7 @@ def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[i
                       timeout=120, backend_params=_params(workers)) as tx:
             tx.connect(host, port)
             plan = [("request", 1)] + [("transfer", p) for p in parts] + \
-                [("packed", 1), ("packed-flat", 1)]
+                [("packed", 1), ("packed-ramp", 1)]
             for name, (src, dst) in _cases(blocks).items():
                 expect = _digest(spec, tensors, src)
                 for mode, p in plan:

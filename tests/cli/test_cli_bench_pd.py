@@ -27,7 +27,7 @@ def test_measure_cpu_tiny(tmp_path) -> None:  # type: ignore[no-untyped-def]
     doc = measure("cpu", "tiny", 256, 1, parts=(2,), slot_mib=1, rows_file=rows_file)
     got = [(r["case"], r["mode"], r["parts"]) for r in doc["results"]]
     assert got == [(c, m, p) for c in ("contiguous", "runs", "scattered")
-                   for m, p in (("request", 1), ("transfer", 2), ("packed", 1), ("packed-flat", 1))]
+                   for m, p in (("request", 1), ("transfer", 2), ("packed", 1), ("packed-ramp", 1))]
     assert len(rows_file.read_text().splitlines()) == len(got)
     by = {(r["case"], r["mode"]): r for r in doc["results"]}
     assert all(r["bytes"] == 2 * 16 * 2 * 2 * 32 * 4 * 16 for r in doc["results"])
@@ -36,7 +36,7 @@ def test_measure_cpu_tiny(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert 2 * 8 < by["scattered", "request"]["descriptors"] <= 2 * 16
     assert 2 < by["runs", "request"]["descriptors"] < 2 * 16
     assert by["scattered", "packed"]["descriptors"] == 1  # one 1-MiB slot holds the request
-    assert by["scattered", "packed-flat"]["descriptors"] == 1
+    assert by["scattered", "packed-ramp"]["descriptors"] == 1
     assert all(r["gbps"] > 0 and r["ceiling_gbps"] > 0 for r in doc["results"])
     doc["machine"] = {"date": "today"}
     assert "| contiguous | request | 1 | 0 | 2 |" in markdown(doc)

@@ -119,7 +119,8 @@ def test_packed_blocks_arrive_bit_exact_with_slot_reuse(kind: str) -> None:
     slot = 3 * max(spec.block_bytes(g) for g in range(len(spec.groups))) + 100
     second = ({0: [15]}, {0: [23]})
     proc, out, host, port = _start(kind, [("p1", dst), ("d2", second[1])], slot)
-    tx, tensors = _sender(kind)
+    # hybrid and MLA requests go through ramped chunks: the receiver must plan the same cuts
+    tx, tensors = _sender(kind, ramp=4 if kind in ("hybrid", "mla") else 0)
     try:
         tx.connect(host, port)
         assert tx.remote_staging is not None and tx.remote_staging.slot_bytes == slot
@@ -144,7 +145,7 @@ def test_send_auto_packs_scattered_blocks_and_sends_long_runs_direct() -> None:
     scattered = ({0: [1, 5, 9, 13]}, {0: [2, 6, 10, 14]})
     run = ({0: [0, 1, 2, 3]}, {0: [20, 21, 22, 23]})
     proc, out, host, port = _start("plain", [("a", scattered[1]), ("b", run[1])], slot)
-    tx, tensors = _sender("plain", packed_below=3 * spec.block_bytes(0), ramp=0)
+    tx, tensors = _sender("plain", packed_below=3 * spec.block_bytes(0))
     try:
         tx.connect(host, port)
         packed = tx.send_auto("a", *scattered)  # one block per descriptor: below the bar
@@ -153,7 +154,7 @@ def test_send_auto_packs_scattered_blocks_and_sends_long_runs_direct() -> None:
     finally:
         tx.close()
         proc.join(timeout=30)
-    assert packed.descriptors == 4  # no ramp: chunks of one slot each (4 tensors of 4 blocks)
+    assert packed.descriptors == 4  # chunks of one slot each (4 tensors of 4 blocks)
     assert direct.descriptors == len(spec.tensors)
     assert [r[0] for r in results] == ["ok", "ok"]
     expected = _expected(spec, tensors, [scattered, run])
