@@ -29,9 +29,6 @@ from kvtier.transfer.device_kv import DeviceKV
 # 0.54 -> 0.70-0.80 of memcpy, stores 0.25-0.45 -> 0.35-0.62, interleaved A/B runs).
 _THREAD_MIN_BYTES = 2 << 20
 _MAX_THREADS = 4
-# Stores of rows from this size on use index_select straight into the slot; smaller rows go
-# through numpy (4 KiB rows: 0.39-0.45 -> 0.53-0.56 of memcpy; equal at 8 KiB; A/B on 2 cores).
-_INDEX_SELECT_MIN_ROW = 8192
 
 # Element size -> (numpy, torch) integer dtypes the rows are moved as.
 _ELEM: dict[int, tuple[type[np.integer], torch.dtype]] = {
@@ -123,17 +120,10 @@ class RowCopier:
             if tuple(self.host[s].shape) != want:
                 raise RuntimeError(f"host slot view {tuple(self.host[s].shape)} holds no {want}")
 
-        ids_np = ids.numpy()
-
         def part(lo: int, hi: int) -> None:
             # One call per page: slot payloads are not adjacent (headers sit between them).
             for i in range(lo, hi):
-                if self.dkv.block_bytes < _INDEX_SELECT_MIN_ROW:
-                    # numpy gathers into a cache-sized temporary; cheaper per row than
-                    # index_select's per-row copy for the smallest rows
-                    self._host_np[int(sl[i])] = self._rows_np[ids_np[i]]
-                else:
-                    torch.index_select(self._rows_t, 0, ids[i], out=self.host[int(sl[i])])
+                torch.index_select(self._rows_t, 0, ids[i], out=self.host[int(sl[i])])
 
         self._split(part, int(sl.size), ids.numel() * self.dkv.block_bytes)
 

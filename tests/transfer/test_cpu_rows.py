@@ -105,15 +105,11 @@ def test_refuses_non_cpu_memory() -> None:
         RowCopier(dkv, host.to("meta"))
 
 
-@pytest.mark.parametrize("min_row", [0, 1 << 30])  # index_select stores / numpy stores
 @pytest.mark.parametrize("kind", ["vllm", "vllm_shared", "cross_layer"])
-def test_threaded_split_matches_reference(
-    kind: str, min_row: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_threaded_split_matches_reference(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import kvtier.transfer.cpu_rows as cpu_rows
 
     monkeypatch.setattr(cpu_rows, "_THREAD_MIN_BYTES", 0)
-    monkeypatch.setattr(cpu_rows, "_INDEX_SELECT_MIN_ROW", min_row)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     g = KVGeometry(4, 2, 16, 8, "bfloat16")
     dkv, ref, host, ref_host, pools = _pair(kind, g, 4, 40, seed=5)
