@@ -15,6 +15,7 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -24,15 +25,22 @@ if _TESTS not in sys.path:
 
 from servers import MooncakeMaster, RedisServer, ServerUnavailable  # noqa: E402
 
+_Server = TypeVar("_Server", RedisServer, MooncakeMaster)
+
+
+def _started(module: str, server: type[_Server]) -> _Server:
+    """server.start(), skipping the test when its client module or binary is missing."""
+    pytest.importorskip(module)
+    try:
+        return server.start()
+    except ServerUnavailable as exc:
+        pytest.skip(str(exc))
+
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     """A fresh redis-server per test (starts in well under a second), killed afterwards."""
-    pytest.importorskip("redis")
-    try:
-        srv = RedisServer.start()
-    except ServerUnavailable as exc:
-        pytest.skip(str(exc))
+    srv = _started("redis", RedisServer)
     yield srv
     srv.stop()
 
@@ -40,11 +48,7 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture
 def mooncake_master() -> Iterator[MooncakeMaster]:
     """A fresh mooncake_master per test, every listener on loopback."""
-    pytest.importorskip("mooncake.store")
-    try:
-        srv = MooncakeMaster.start()
-    except ServerUnavailable as exc:
-        pytest.skip(str(exc))
+    srv = _started("mooncake.store", MooncakeMaster)
     yield srv
     srv.stop()
 

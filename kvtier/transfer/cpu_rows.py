@@ -24,28 +24,12 @@ import numpy as np
 import torch
 
 from kvtier.transfer.device_kv import DeviceKV
+from kvtier.transfer.torch_path import move_dtype, widest_divisor
 
 # Jobs from this size on are split over at most this many threads (measured on 2 cores: loads
 # 0.54 -> 0.70-0.80 of memcpy, stores 0.25-0.45 -> 0.35-0.62, interleaved A/B runs).
 _THREAD_MIN_BYTES = 2 << 20
 _MAX_THREADS = 4
-
-# Element size -> (numpy, torch) integer dtypes the rows are moved as.
-_ELEM: dict[int, tuple[type[np.integer], torch.dtype]] = {
-    8: (np.int64, torch.int64),
-    4: (np.int32, torch.int32),
-    2: (np.int16, torch.int16),
-    1: (np.uint8, torch.uint8),
-}
-
-
-def _widest(values: Sequence[int]) -> int:
-    """Largest element size in bytes that divides every address and stride in `values`."""
-    for size in (8, 4, 2):
-        if all(v % size == 0 for v in values):
-            return size
-    return 1
-
 
 def _runs(slots: np.ndarray) -> list[tuple[int, int]]:
     """(start, stop) index ranges of `slots` whose slots are consecutive ascending numbers."""
@@ -76,21 +60,17 @@ class RowCopier:
         )
         strides = [s * isz for s in dkv.row_strides()]
         slot_addr, slot_stride = host.data_ptr(), host.stride(0) * host.element_size()
-        self.elem = _widest(
+        self.elem = widest_divisor(
             [a - base for a in addrs] + strides + [dkv.block_bytes, slot_addr, slot_stride]
         )
-        dtype, tdtype = _ELEM[self.elem]
+        tdtype = move_dtype(self.elem)
         self.row_elems = dkv.block_bytes // self.elem
         span = (top - base) // self.elem
         raw = (ctypes.c_char * (span * self.elem)).from_address(base)
-        flat = np.frombuffer(memoryview(raw), dtype=dtype)
         # Row r = elements [r, r + row_elems) of the span: rows overlap, which is the point.
-        self._rows_np = np.lib.stride_tricks.as_strided(
-            flat, (span - self.row_elems + 1, self.row_elems), (self.elem, self.elem)
-        )
-        self._rows_t = torch.from_numpy(flat).as_strided(
-            (span - self.row_elems + 1, self.row_elems), (1, 1)
-        )
+        shape = (span - self.row_elems + 1, self.row_elems)
+        self._rows_t = torch.frombuffer(raw, dtype=tdtype).as_strided(shape, (1, 1))
+        self._rows_np = self._rows_t.numpy()
         self._off = np.array([(a - base) // self.elem for a in addrs], dtype=np.int64)
         self._step = np.array([s // self.elem for s in strides], dtype=np.int64)
         self._limit = dkv.num_blocks

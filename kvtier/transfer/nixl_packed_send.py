@@ -195,11 +195,10 @@ class PackedSender(KVSender):
         writes: dict[int, Any] = {}  # chunk -> handle in flight
         freed: set[int] = set()
         events: dict[int, Any] = {}
-        t_start = time.monotonic()
         timeline: list[dict[str, float]] = [{} for _ in chunks]
 
         def mark(c: int, key: str, at: float | None = None) -> None:
-            timeline[c][key] = round(1e3 * ((time.monotonic() if at is None else at) - t_start), 3)
+            timeline[c][key] = round(1e3 * ((time.monotonic() if at is None else at) - start), 3)
 
         def poll() -> None:
             for c, h in list(writes.items()):

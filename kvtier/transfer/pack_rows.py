@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from kvtier.transfer.pack_plan import Piece, Plane
+from kvtier.transfer.torch_path import move_dtype, widest_divisor
 
-_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 # Elements per program step; 8 KiB of int64 keeps several 16-byte loads in flight per thread.
 _BLOCK_BYTES = 8192
 _PROGRAMS_PER_SM = 8
@@ -39,12 +39,9 @@ def plane_rows(tensors: Mapping[str, torch.Tensor], p: Plane, num_blocks: int) -
 def widest(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Two [n, row] uint8 tables viewed as the widest integer type both allow: torch's
     index_select / index_copy_ move wide elements several times faster than bytes."""
-    row = a.shape[1]
-    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
-        if row % size == 0 and a.storage_offset() % size == 0 \
-                and b.storage_offset() % size == 0:
-            return a.view(dtype), b.view(dtype)
-    return a, b
+    dtype = move_dtype(widest_divisor(int(v) for v in (a.shape[1], a.storage_offset(),
+                                                       b.storage_offset())))
+    return a.view(dtype), b.view(dtype)
 
 
 def kernels_for(device: torch.device) -> ModuleType | None:
@@ -96,13 +93,12 @@ class PackRows:
         base = int(first.data_ptr())
         starts = [int(self.tensors[p.tensor].data_ptr()) + p.offset - base for p in self.planes]
         vals = [*starts, *(p.row_bytes for p in self.planes), base, self.slot_base.data_ptr()]
-        e = next(s for s in (8, 4, 2, 1) if all(v % s == 0 for v in vals))
-        vec = next(s for s in (16, 8, 4, 2, 1) if all(v % s == 0 for v in vals))
-        self.elem, self.align = e, max(1, vec // e)
+        e = widest_divisor(vals)
+        self.elem, self.align = e, max(1, widest_divisor(vals, (16, 8, 4, 2)) // e)
         flat = first.reshape(-1).view(torch.uint8)
-        self.base = flat[: flat.numel() // e * e].view(_DTYPES[e])
+        self.base = flat[: flat.numel() // e * e].view(move_dtype(e))
         slots = self.slot_base.view(torch.uint8)
-        self.slots = slots[: slots.numel() // e * e].view(_DTYPES[e])
+        self.slots = slots[: slots.numel() // e * e].view(move_dtype(e))
         plane_off: list[np.ndarray] = []
         slot_off: list[np.ndarray] = []
         self.launches: list[list[_Launch]] = []

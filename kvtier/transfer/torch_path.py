@@ -12,7 +12,7 @@ int64 `[N]` tensor of host slots, both on the CPU unless said otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -30,6 +30,13 @@ _CPU_LOOP_MIN_ITEM = 16384
 
 def move_dtype(itemsize: int) -> torch.dtype:
     return _MOVE[itemsize]
+
+
+def widest_divisor(values: Iterable[int], sizes: Sequence[int] = (8, 4, 2)) -> int:
+    """The first of `sizes` (largest first) dividing every value, else 1: the widest element
+    (or vector) that addresses, strides and row lengths all allow."""
+    vals = list(values)
+    return next((s for s in sizes if all(v % s == 0 for v in vals)), 1)
 
 
 def host_planes(pool: HostPool, dkv: DeviceKV) -> torch.Tensor:
