@@ -47,24 +47,29 @@ fi
 # disaggregated deployment moves); "sgl" = NIXL_UCX_SGL_ENABLE=1 (one cuMemcpyBatchAsync per
 # transfer); every variant also measures packed transfers (gather into staging slots of the
 # given size, one descriptor per slot, scatter). Each row lands in pd-cuda-<variant>-rows.jsonl as measured.
-run_bench() {  # name, tokens, time limit, packed slot MiB, env assignments...
-    local name=$1 tokens=$2 limit=$3 slot=$4; shift 4
+run_bench() {  # name, tokens, time limit, packed slot MiB, extra bench args, env assignments...
+    local name=$1 tokens=$2 limit=$3 slot=$4 extra=$5; shift 5
+    # shellcheck disable=SC2086  # $extra is a list of options
     env "$@" timeout -k 5 "$limit" python3 -m kvtier.cli.bench_pd --device cuda \
-        --tokens "$tokens" --repeat 8 --parts 1 --workers 1 --slot-mib "$slot" \
+        --tokens "$tokens" --repeat 8 --parts 1 --workers 1 --slot-mib "$slot" $extra \
         --save "$OUT/$name" \
         >"$OUT/bench-$name.log" 2>&1 \
         || { echo "pd.sh: bench $name failed (see bench-$name.log)" >&2; status=1; }
     grep "^pd" "$OUT/bench-$name.log" || true
 }
+# -pN: the packed gather/scatter kernels on at most N programs per SM (kvtier's default is 8),
+# to see how much the copy engines' NVLink writes suffer from kernels saturating HBM beside them
 VARIANTS=${VARIANTS:-"base-8k base-32k sgl-8k"}
 for v in $VARIANTS; do
     case $v in
-        base-8k) run_bench base-8k 8192 80 64 UCX_PROTO_INFO=y ;;
-        base-32k) run_bench base-32k 32768 200 64 ;;
-        s128-8k) run_bench s128-8k 8192 110 128 ;;
-        s32-8k) run_bench s32-8k 8192 80 32 ;;
-        s256-8k) run_bench s256-8k 8192 110 256 ;;
-        sgl-8k) run_bench sgl-8k 8192 80 64 NIXL_UCX_SGL_ENABLE=1 ;;
+        base-8k) run_bench base-8k 8192 80 64 "" UCX_PROTO_INFO=y ;;
+        base-32k) run_bench base-32k 32768 200 64 "" ;;
+        s128-8k) run_bench s128-8k 8192 110 128 "" ;;
+        s32-8k) run_bench s32-8k 8192 80 32 "" ;;
+        s256-8k) run_bench s256-8k 8192 110 256 "" ;;
+        s256-8k-p*) p=${v#s256-8k-p}; run_bench "$v" 8192 60 256 \
+            "--modes request,packed --pack-programs ${p/_/.}" ;;
+        sgl-8k) run_bench sgl-8k 8192 80 64 "" NIXL_UCX_SGL_ENABLE=1 ;;
         *) echo "pd.sh: unknown variant $v" >&2; status=1 ;;
     esac
 done

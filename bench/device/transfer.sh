@@ -60,15 +60,16 @@ for f in sorted(out.glob("bench-*.json")):
         print(f"{'':18} {'':>6} {('engine ' + name)[:34]:34} {cell('store'):>10} {cell('load'):>10} {cell('both'):>10} {cell('load_layerwise'):>10}")
     for name, ops in r.get("conversion", {}).items():
         rat = r["conversion_ratios"][name]
-        print(f"{'':18} {'':>6} {('convert ' + name)[:34]:34} triton {ops['triton']:7.0f}/{rat['triton']:.2f}  torch {ops['torch']:7.0f}/{rat['torch']:.2f} (vs device copy {c['device_copy']:.0f})")
+        cells = "  ".join(f"{k} {v:.0f}/{rat[k]:.2f}" for k, v in ops.items())
+        print(f"{'':18} {'':>6} {('convert ' + name)[:34]:34} {cells} (vs device copy {c['device_copy']:.0f})")
     for name, err in r.get("errors", {}).items():
         print(f"{'':18} {'':>6} {name} FAILED: {err[:90]}")
 PYEOF
 }
 
 # the staged DMA path and auto first; the known slow variants only with ALL=1
-FAST_PATHS=auto,staged,staged-batch,staged-c8m,staged-c64m,store-staged+load-triton,triton,torch
-ALL_PATHS="$FAST_PATHS,dma,triton-grid-full,triton-cta2,triton-cta8,store-triton+load-torch,store-torch+load-triton"
+FAST_PATHS=auto,staged,staged-batch,staged-batch-b3,triton,torch
+ALL_PATHS="$FAST_PATHS,staged-c8m,staged-c64m,store-staged+load-triton,dma,triton-grid-full,triton-cta2,triton-cta8,store-triton+load-torch,store-torch+load-triton"
 if [ "${ALL:-0}" = 1 ]; then PATHS="$ALL_PATHS"; else PATHS="${PATHS:-$FAST_PATHS}"; fi
 part gpu-tests 100 "$PY" -m pytest -m gpu tests/transfer/test_transfer_gpu.py -q -p no:cacheprovider --timeout 90 -o addopts="" -rfE
 if [ "${SWEEP:-0}" = 1 ]; then
@@ -79,7 +80,8 @@ fi
 # the goal geometry first; the bench writes bench-$geo.json after every step (--out)
 for geo in llama3-8b llama3-70b-tp8 llama3-70b-tp4 deepseek-v3-mla; do
   part "bench-$geo" 75 "$PY" -m kvtier.cli.main bench transfer --geometry "$geo" \
-    --pages "${PAGES:-512}" --reps 5 --paths "$PATHS" --out "$OUT/bench-$geo.json"
+    --pages "${PAGES:-512}" --reps "${REPS:-7}" --paths "$PATHS" --sweep-convert \
+    --out "$OUT/bench-$geo.json"
   summarize
 done
 

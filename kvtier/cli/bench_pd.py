@@ -46,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="UCX workers per agent")
     parser.add_argument("--slot-mib", type=int, default=128,
                         help="packed mode: staging slot size (4 slots per side)")
+    parser.add_argument("--pack-programs", type=float, default=0.0,
+                        help="packed mode: gather/scatter programs per SM (0: kvtier's default)")
+    parser.add_argument("--modes", default="request,transfer,packed,packed-ramp",
+                        help="comma-separated modes to measure")
     parser.add_argument("--save", metavar="DIR", help="write pd-<device>-<date>.json/.md here")
 
 
@@ -110,8 +114,8 @@ def _alloc(spec: KVCacheSpec, device: str, fill: int | None) -> dict[str, Any]:
     return out
 
 
-def _receiver(geometry: str, tokens: int, device: str, workers: int, slot_mib: int, q: Any,
-              out: Any) -> None:
+def _receiver(geometry: str, tokens: int, device: str, workers: int, slot_mib: int,
+              programs: float, q: Any, out: Any) -> None:
     """Per task ("case", name, request ids, dst blocks): poison dst, say ready, wait for all
     ids, answer the digest of dst. ("done",) ends."""
     import torch
@@ -124,7 +128,8 @@ def _receiver(geometry: str, tokens: int, device: str, workers: int, slot_mib: i
     tensors = _alloc(spec, device, 0xAB)
     bb = spec.block_bytes(0)
     with PackedReceiver(spec, tensors, FP, slot_bytes=slot_mib << 20, slots=4,
-                    timeout=120, backend_params=_params(workers)) as rx:
+                        programs_per_sm=programs or None, timeout=120,
+                        backend_params=_params(workers)) as rx:
         q.put(rx.listen())
         try:
             rx.accept()
@@ -274,7 +279,9 @@ def _round(tx: Any, q: Any, out: Any, name: str, mode: str, parts: int, repeat: 
 
 def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[int, ...] = (1,),
             slot_mib: int = 128, workers: int = 1,
-            rows_file: Path | None = None) -> dict[str, Any]:
+            rows_file: Path | None = None, programs: float = 0.0,
+            modes: tuple[str, ...] = ("request", "transfer", "packed", "packed-ramp"),
+            ) -> dict[str, Any]:
     """All rows; each row is appended to `rows_file` (JSON lines) as soon as it is measured,
     and a failing row ends the run with an "error" row, keeping those before it."""
     from kvtier.transfer.nixl_packed_send import PackedSender
@@ -294,7 +301,8 @@ def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[i
     ctx = mp.get_context("spawn")
     q, out = ctx.Queue(), ctx.Queue()
     proc = ctx.Process(target=_receiver,
-                       args=(geometry, tokens, dst_dev, workers, slot_mib, q, out), daemon=True)
+                       args=(geometry, tokens, dst_dev, workers, slot_mib, programs, q, out),
+                       daemon=True)
     proc.start()
     rows: list[dict[str, Any]] = []
 
@@ -312,11 +320,10 @@ def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[i
     try:
         host, port = q.get(timeout=300)
         tensors = _alloc(spec, src_dev, None)
-        with PackedSender(spec, tensors, FP, slots=4,
-                      timeout=120, backend_params=_params(workers)) as tx:
+        with PackedSender(spec, tensors, FP, slots=4, programs_per_sm=programs or None,
+                          timeout=120, backend_params=_params(workers)) as tx:
             tx.connect(host, port)
-            plan = [("request", 1)] + [("transfer", p) for p in parts] + \
-                [("packed", 1), ("packed-ramp", 1)]
+            plan = [(m, p) for m in modes for p in (parts if m == "transfer" else (1,))]
             for name, (src, dst) in _cases(blocks).items():
                 expect = _digest(spec, tensors, src)
                 for mode, p in plan:
@@ -336,6 +343,7 @@ def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[i
             proc.kill()
     return {"device": device, "geometry": geometry, "tokens": tokens, "blocks": blocks,
             "tensors": len(spec.tensors), "ucx_workers": workers,
+            "pack_programs_per_sm": programs or "default",
             "ceiling": "local memcpy" if device == "cpu" else "peer copy GPU0->GPU1",
             "copies_ceiling_gbps": same_copies, "results": rows}
 
@@ -399,8 +407,9 @@ def run(args: argparse.Namespace) -> int:
     if args.save:
         Path(args.save).mkdir(parents=True, exist_ok=True)
         rows_file = Path(args.save) / f"pd-{device}-w{args.workers}-rows.jsonl"
+    modes = tuple(m for m in str(args.modes).split(",") if m)
     doc = measure(device, args.geometry, tokens, args.repeat, parts, args.slot_mib, args.workers,
-                  rows_file)
+                  rows_file, args.pack_programs, modes)
     doc["machine"] = machine(device)
     text = markdown(doc)
     if args.save:

@@ -39,6 +39,7 @@ ENGINE_VARIANTS = (
     "auto",
     "staged",
     "staged-batch",
+    "staged-batch-b3",
     "staged-c64m",
     "staged-c8m",
     "store-staged+load-triton",
@@ -69,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="engine variants to measure on a GPU (see bench_transfer_gpu.VARIANTS)",
     )
     parser.add_argument("--out", help="also write the JSON here, after every measured step")
+    parser.add_argument(
+        "--sweep-convert", action="store_true", help="GPU: time several Triton conversion tiles"
+    )
     parser.add_argument("--cpu", action="store_true", help="measure the CPU path even on a GPU")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -151,19 +155,20 @@ def run_cpu(g: KVGeometry, pages: int, reps: int) -> dict[str, Any]:
 
 
 def _ratios(res: dict[str, Any]) -> None:
-    """Fill the ratio tables of `res` from what is measured so far."""
+    """Fill the ratio-of-medians tables of `res` from what is measured so far (the paired
+    ratios, which the table and the README report, are filled as each step is measured)."""
+    from kvtier.cli.bench_transfer_gpu import CEILING_OF
+
     ceil = res["ceiling"]
-    ref = {"store": "d2h", "load": "h2d", "load_layerwise": "h2d", "both": "bidir"}
-    res["ratios"] = {
-        name: {op: v / ceil[ref[op]] for op, v in r.items()} for name, r in res["engine"].items()
-    }
-    res["baseline_ratios"] = {
-        name: {op: v / ceil[ref[op]] for op, v in r.items()} for name, r in res["baselines"].items()
-    }
-    res["conversion_ratios"] = {
-        name: {p: v / ceil["device_copy"] for p, v in r.items()}
-        for name, r in res["conversion"].items()
-    }
+    for group, out, ref in (
+        ("engine", "median_ratios", CEILING_OF),
+        ("baselines", "baseline_median_ratios", CEILING_OF),
+        ("conversion", "conversion_median_ratios", None),
+    ):
+        res[out] = {
+            name: {op: v / ceil[ref[op] if ref else "device_copy"] for op, v in r.items()}
+            for name, r in res[group].items()
+        }
 
 
 def run_gpu(
@@ -172,20 +177,27 @@ def run_gpu(
     reps: int,
     paths: list[str],
     emit: Callable[[dict[str, Any]], None] = lambda res: None,
+    sweep_convert: bool = False,
 ) -> dict[str, Any]:
     """Every GPU measurement; `emit(res)` runs after each step, so a run cut short keeps what it
     measured. A wrong byte is recorded under errors as WRONG and sets res["wrong"]."""
     from kvtier.cli import bench_transfer_gpu as gb
+    from kvtier.cli.bench_convert_gpu import conversion_rates
 
     st = gb.make_setup(g, pages)
-    ceil = gb.ceilings(st.nbytes, reps)
+    ceilings = gb.Ceilings(st.nbytes)
+    ceil = ceilings.rates(reps)
     res: dict[str, Any] = {
         "mode": "gpu",
         "ceiling": ceil,
         "one_way_ceiling": min(ceil["d2h"], ceil["h2d"]),
+        "ratio_method": "median of per-pair ratios (each run paired with a ceiling copy)",
         "baselines": {},
         "engine": {},
         "conversion": {},
+        "ratios": {},
+        "baseline_ratios": {},
+        "conversion_ratios": {},
         "errors": {},
         "wrong": False,
     }
@@ -201,15 +213,25 @@ def run_gpu(
         emit(res)
 
     def engine(path: str) -> None:
-        res["engine"][path] = gb.engine_rates(st, path, reps)
+        r = gb.engine_rates(st, ceilings, path, reps)
+        res["engine"][path], res["ratios"][path] = r.gbps, r.ratios
 
-    step("baselines", lambda: res["baselines"].update(gb.baselines(st, reps)))
+    def baselines() -> None:
+        for name, r in gb.baselines(st, ceilings, reps).items():
+            res["baselines"][name], res["baseline_ratios"][name] = r.gbps, r.ratios
+
+    def conversion() -> None:
+        rates, ratios = conversion_rates(g, pages, ceilings, reps, sweep_convert)
+        res["conversion"].update(rates)
+        res["conversion_ratios"].update(ratios)
+
+    step("baselines", baselines)
     for path in paths:
         if path not in gb.VARIANTS:
             res["errors"][path] = f"unknown variant (known: {', '.join(gb.VARIANTS)})"
             continue
         step(path, functools.partial(engine, path))
-    step("conversion", lambda: res["conversion"].update(gb.conversion_rates(g, pages, reps)))
+    step("conversion", conversion)
     return res
 
 
@@ -253,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
 
     if torch.cuda.is_available() and not args.cpu:
         paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-        res = run_gpu(g, pages, args.reps, paths, emit)
+        res = run_gpu(g, pages, args.reps, paths, emit, args.sweep_convert)
     else:
         res = run_cpu(g, pages, args.reps)
     res["meta"] = meta

@@ -2,8 +2,12 @@
 
 Every figure is bytes moved (host side) over the median wall time of `reps` runs, each run
 bracketed by a device synchronize, so Python submit costs are included. Ratios are to the
-pinned contiguous memcpy ceiling of the same run (one direction, or both at once on two streams).
-Correctness is checked once per engine path on the full job: a wrong byte raises AssertionError.
+pinned contiguous memcpy ceiling (one direction, or both at once on two streams) measured in
+the same run and, for the copy engine and the baselines, paired: each timed run alternates with
+one run of the ceiling copy of the same bytes, and the ratio is the median of the per-pair
+ratios, so a machine whose PCIe or memory bandwidth drifts during the run (other tenants) moves
+both sides of a ratio together. Correctness is checked once per engine path on the full job: a
+wrong byte raises AssertionError. Layout conversion is measured in bench_convert_gpu.
 """
 
 from __future__ import annotations
@@ -82,35 +86,84 @@ def timed(fn: Callable[[], object], reps: int) -> float:
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(_once(fn))
     return statistics.median(times)
 
 
-def ceilings(nbytes: int, reps: int) -> dict[str, float]:
-    """Pinned contiguous memcpy GB/s: d2h, h2d, and both at once on two streams."""
-    dev_a = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 256)
-    dev_b = torch.empty_like(dev_a)
-    host_a = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-    host_b = torch.empty(nbytes, dtype=torch.uint8).pin_memory().fill_(7)
-    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+def _once(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
-    def both() -> None:
-        with torch.cuda.stream(s1):
-            host_a.copy_(dev_a, non_blocking=True)
-        with torch.cuda.stream(s2):
-            dev_b.copy_(host_b, non_blocking=True)
 
-    out = {
-        "d2h": nbytes / timed(lambda: host_a.copy_(dev_a, non_blocking=True), reps) / 1e9,
-        "h2d": nbytes / timed(lambda: dev_b.copy_(host_b, non_blocking=True), reps) / 1e9,
-        "bidir": 2 * nbytes / timed(both, reps) / 1e9,
-    }
-    dev_c = torch.empty_like(dev_a)
-    out["device_copy"] = 2 * nbytes / timed(lambda: dev_c.copy_(dev_a), reps) / 1e9
-    return out
+def paired(fn: Callable[[], object], ref: Callable[[], object], reps: int) -> tuple[float, float]:
+    """(median seconds of fn(), median of ref_seconds / fn_seconds) over `reps` pairs, the two
+    run back to back in alternating order (after one warm-up of each)."""
+    fn()
+    ref()
+    torch.cuda.synchronize()
+    times, ratios = [], []
+    for i in range(reps):
+        if i % 2:
+            t, r = _once(fn), _once(ref)
+        else:
+            r, t = _once(ref), _once(fn)
+        times.append(t)
+        ratios.append(r / t)
+    return statistics.median(times), statistics.median(ratios)
+
+
+class Ceilings:
+    """Pinned contiguous memcpy of `nbytes` (d2h, h2d, both at once on two streams) and a device
+    copy of the same bytes, kept allocated so that every measurement can pair with them."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        dev_a = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 256)
+        dev_b = torch.empty_like(dev_a)
+        dev_c = torch.empty_like(dev_a)
+        host_a = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+        host_b = torch.empty(nbytes, dtype=torch.uint8).pin_memory().fill_(7)
+        s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+
+        def both() -> None:
+            with torch.cuda.stream(s1):
+                host_a.copy_(dev_a, non_blocking=True)
+            with torch.cuda.stream(s2):
+                dev_b.copy_(host_b, non_blocking=True)
+
+        # op -> (copy, bytes it moves): "bidir" and "device_copy" move (or touch) 2 x nbytes
+        self.fns: dict[str, tuple[Callable[[], object], int]] = {
+            "d2h": (lambda: host_a.copy_(dev_a, non_blocking=True), nbytes),
+            "h2d": (lambda: dev_b.copy_(host_b, non_blocking=True), nbytes),
+            "bidir": (both, 2 * nbytes),
+            "device_copy": (lambda: dev_c.copy_(dev_a), 2 * nbytes),
+        }
+
+    def rates(self, reps: int) -> dict[str, float]:
+        """GB/s of each ceiling copy (median of `reps`)."""
+        return {k: n / timed(fn, reps) / 1e9 for k, (fn, n) in self.fns.items()}
+
+
+# which ceiling an operation is paired with
+CEILING_OF = {"store": "d2h", "load": "h2d", "load_layerwise": "h2d", "both": "bidir"}
+
+
+class Rates:
+    """GB/s and paired ratios of one measured thing, per operation."""
+
+    def __init__(self, ceil: Ceilings, reps: int) -> None:
+        self.ceil, self.reps = ceil, reps
+        self.gbps: dict[str, float] = {}
+        self.ratios: dict[str, float] = {}
+
+    def measure(self, op: str, fn: Callable[[], object], nbytes: int) -> None:
+        ref, ref_bytes = self.ceil.fns[CEILING_OF[op]]
+        if ref_bytes != nbytes:
+            raise ValueError(f"{op}: {nbytes} bytes paired with a {ref_bytes}-byte ceiling")
+        t, ratio = paired(fn, ref, self.reps)
+        self.gbps[op], self.ratios[op] = nbytes / t / 1e9, ratio
 
 
 def reference_blobs(st: Setup, blocks: torch.Tensor) -> torch.Tensor:
@@ -136,13 +189,13 @@ def check_load(st: Setup, path: str) -> None:
         raise AssertionError(f"load via {path}: {bad} of {st.pages} pages differ")
 
 
-def baselines(st: Setup, reps: int) -> dict[str, dict[str, float]]:
-    """GB/s of the usual ways to do the same store and load."""
+def baselines(st: Setup, ceil: Ceilings, reps: int) -> dict[str, Rates]:
+    """GB/s and paired ratios of the usual ways to do the same store and load."""
     host = host_planes(st.pool, st.dkv)
     blocks = st.blocks_a.reshape(-1).tolist()
     slots = st.slots_a.tolist()
     lslots, lblocks = st.slots_b.tolist(), st.blocks_b.reshape(-1).tolist()
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, Rates] = {}
 
     def naive_store() -> None:
         for b, s in zip(blocks, slots):
@@ -155,10 +208,9 @@ def baselines(st: Setup, reps: int) -> dict[str, dict[str, float]]:
                 plane[b].view(host.dtype).copy_(host[s, p], non_blocking=True)
 
     n = st.nbytes
-    out["naive per-page per-layer copy_"] = {
-        "store": n / timed(naive_store, 1) / 1e9,
-        "load": n / timed(naive_load, 1) / 1e9,
-    }
+    naive = out["naive per-page per-layer copy_"] = Rates(ceil, 1)
+    naive.measure("store", naive_store, n)
+    naive.measure("load", naive_load, n)
     stage_h = torch.empty(n, dtype=torch.uint8).pin_memory()
     idx = st.blocks_a.reshape(-1).to("cuda")
     lidx = st.blocks_b.reshape(-1).to("cuda")
@@ -172,10 +224,9 @@ def baselines(st: Setup, reps: int) -> dict[str, dict[str, float]]:
         for p, plane in enumerate(st.dkv.planes):
             plane.index_copy_(0, lidx, staged[:, p].view(plane.dtype).reshape(st.pages, -1))
 
-    out["index_select + staging + DMA"] = {
-        "store": n / timed(gather_dma, reps) / 1e9,
-        "load": n / timed(dma_scatter, reps) / 1e9,
-    }
+    staged = out["index_select + staging + DMA"] = Rates(ceil, reps)
+    staged.measure("store", gather_dma, n)
+    staged.measure("load", dma_scatter, n)
     dma = BatchDMA.get()
     if dma.available and dma.batched:
         eng = CopyEngine(st.dkv, st.pool, path="dma")
@@ -189,7 +240,8 @@ def baselines(st: Setup, reps: int) -> dict[str, dict[str, float]]:
             dma.copy(hst, dev, sizes, stream.cuda_stream)
             stream.synchronize()
 
-        out["one cudaMemcpyBatchAsync call"] = {"store": n / timed(one_batch, reps) / 1e9}
+        batch = out["one cudaMemcpyBatchAsync call"] = Rates(ceil, reps)
+        batch.measure("store", one_batch, n)
     return out
 
 
@@ -202,6 +254,7 @@ VARIANTS: dict[str, tuple[str, str, int | None, Staged | None]] = {
     "auto": ("auto", "auto", None, None),
     "staged": ("staged", "staged", None, None),
     "staged-batch": ("staged", "staged", None, Staged(batch=True)),
+    "staged-batch-b3": ("staged", "staged", None, Staged(batch=True, buffers=3)),
     "staged-c64m": ("staged", "staged", None, Staged(chunk_bytes=64 << 20, buffers=2)),
     "staged-c8m": ("staged", "staged", None, Staged(chunk_bytes=8 << 20, buffers=3)),
     "store-staged+load-triton": ("staged", "triton", None, None),
@@ -217,9 +270,9 @@ VARIANTS: dict[str, tuple[str, str, int | None, Staged | None]] = {
 MAIN_VARIANTS = ("auto", "staged", "triton", "dma", "torch")
 
 
-def engine_rates(st: Setup, path: str, reps: int) -> dict[str, float]:
-    """GB/s of the engine variant `path` (a VARIANTS key): store, load, layer-wise load (main
-    variants only) and both at once, correctness-checked."""
+def engine_rates(st: Setup, ceil: Ceilings, path: str, reps: int) -> Rates:
+    """GB/s and paired ratios of the engine variant `path` (a VARIANTS key): store, load,
+    layer-wise load (main variants only) and both at once, correctness-checked."""
     store_path, load_path, ctas, staged = VARIANTS[path]
     th = Thresholds.read()
     if ctas is not None:
@@ -253,7 +306,8 @@ def engine_rates(st: Setup, path: str, reps: int) -> dict[str, float]:
         ok(b)
 
     st.pool.payloads()[st.slots_a] = 0xA5  # poison what the store must overwrite
-    out = {"store": n / timed(store, reps) / 1e9}
+    out = Rates(ceil, reps)
+    out.measure("store", store, n)
     main = path in MAIN_VARIANTS  # the other variants are checked once, after both at once
     if main:
         check_store(st, path)
@@ -262,58 +316,12 @@ def engine_rates(st: Setup, path: str, reps: int) -> dict[str, float]:
     del noise
     for plane in st.dkv.planes:
         plane[st.blocks_b.reshape(-1).to("cuda")] = 0  # poison what the load must overwrite
-    out["load"] = n / timed(load, reps) / 1e9
+    out.measure("load", load, n)
     if main:
         check_load(st, path)
-        out["load_layerwise"] = n / timed(load_layers, reps) / 1e9
-    out["both"] = 2 * n / timed(both, reps) / 1e9
+        out.measure("load_layerwise", load_layers, n)
+    out.measure("both", both, 2 * n)
     check_store(st, path)
     check_load(st, path)
     eng.close()
-    return out
-
-
-CONVERSIONS = [
-    ("layer_first", "page_first"),
-    ("page_first", "layer_first"),
-    ("page_first", "page_head"),
-    ("layer_first", "page_first_direct"),
-]
-
-
-def conversion_rates(g: KVGeometry, pages: int, reps: int) -> dict[str, dict[str, float]]:
-    """GB/s (bytes read + written) of whole-pool layout conversion, Triton and torch,
-    each checked bit for bit against torch once."""
-    from kvtier.geometry.layouts import Layout, parse_layout, shape
-    from kvtier.transfer.convert import convert_layout
-
-    out: dict[str, dict[str, float]] = {}
-    move = move_dtype(g.itemsize)
-    for frm_name, to_name in CONVERSIONS:
-        frm, to = parse_layout(frm_name), parse_layout(to_name)
-        src = torch.empty(shape(frm, g, pages), dtype=move, device="cuda")
-        src.view(torch.uint8).random_(0, 256)
-        dst = torch.empty(shape(to, g, pages), dtype=move, device="cuda")
-        nbytes = 2 * src.numel() * src.element_size()
-        row: dict[str, float] = {}
-        for path in ("triton", "torch"):
-            dst.fill_(-1)
-
-            def conv(
-                path: str = path,
-                src: torch.Tensor = src,
-                dst: torch.Tensor = dst,
-                frm: Layout = frm,
-                to: Layout = to,
-            ) -> object:
-                # the torch path allocates its result, as its callers do
-                out = dst if path == "triton" else None
-                return convert_layout(src, frm, to, g, out=out, path=path)
-
-            row[path] = nbytes / timed(conv, reps) / 1e9
-            if path == "triton":
-                ref = convert_layout(src, frm, to, g, path="torch")
-                if not torch.equal(dst.view(torch.uint8), ref.view(torch.uint8)):
-                    raise AssertionError(f"conversion {frm_name}->{to_name} differs from torch")
-        out[f"{frm_name}->{to_name}"] = row
     return out

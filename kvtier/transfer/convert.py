@@ -96,11 +96,12 @@ def convert_layout(
     path: str = "auto",
     triton_module: object | None = None,
     tile_bytes: int = _TILE_BYTES,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """A dense pool in `dst_layout` holding every page of `src` (a dense pool in `src_layout`,
     any shape with the right element count). `out` (dense, same element count) is written when
-    given. `tile_bytes` is the Triton kernel's bytes per program. Raises ConfigError for an
-    unknown path and ValueError for mismatched sizes."""
+    given. `tile_bytes` and `num_warps` are the Triton kernel's bytes and warps per program.
+    Raises ConfigError for an unknown path and ValueError for mismatched sizes."""
     if path not in CONVERT_PATHS:
         raise ConfigError("convert.path", path, CONVERT_PATHS)
     frm, to = parse_layout(src_layout), parse_layout(dst_layout)
@@ -143,6 +144,6 @@ def convert_layout(
         ROWS=p.rows_per_tile,
         EVEN=p.n_rows % p.rows_per_tile == 0,
         WIDE=p.n_rows + p.rows_per_tile >= 2**31,  # row numbers past int32
-        num_warps=4,
+        num_warps=num_warps,
     )
     return out

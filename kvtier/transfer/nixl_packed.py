@@ -121,8 +121,10 @@ class PackedReceiver(KVReceiver):
     engine's torch tensors (the scatter indexes them). Not thread-safe, like KVReceiver."""
 
     def __init__(self, spec: Any, tensors: Mapping[str, torch.Tensor], fingerprint: bytes, *,
-                 slot_bytes: int = 128 << 20, slots: int = 4, **kwargs: Any) -> None:
+                 slot_bytes: int = 128 << 20, slots: int = 4,
+                 programs_per_sm: float | None = None, **kwargs: Any) -> None:
         super().__init__(spec, byte_tensors(tensors), fingerprint, **kwargs)
+        self.programs_per_sm = programs_per_sm  # scatter kernel grid (kvtier.transfer.pack_rows)
         self.torch_tensors = dict(tensors)
         device = next(iter(tensors.values())).device
         self.staging = Staging(self.agent, self.mem_type, device, slot_bytes, slots)
@@ -210,7 +212,7 @@ class PackedReceiver(KVReceiver):
         if len(chunks) != doc["n"]:
             return self._refuse(doc, f"{doc['n']} chunks announced, {len(chunks)} planned")
         rows = PackRows(self.torch_tensors, ps, chunks, doc["ids"], self.plan.spec.num_blocks,
-                        self.staging.buf, self._kernels)
+                        self.staging.buf, self._kernels, self.programs_per_sm)
         # "descriptors": one per chunk; wait() need not build the direct descriptors to count
         note = {"req": req, "fp": doc["fp"], "blocks": {g: v for g, v in doc["ids"].items() if v},
                 "bytes": doc["bytes"], "descriptors": len(chunks)}

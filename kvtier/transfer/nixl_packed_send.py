@@ -64,8 +64,9 @@ class PackedSender(KVSender):
 
     def __init__(self, spec: Any, tensors: Mapping[str, torch.Tensor], fingerprint: bytes,
                  *, slots: int = 4, packed_below: int = 4 << 20, ramp: int = 0,
-                 **kwargs: Any) -> None:
+                 programs_per_sm: float | None = None, **kwargs: Any) -> None:
         super().__init__(spec, byte_tensors(tensors), fingerprint, **kwargs)
+        self.programs_per_sm = programs_per_sm  # gather kernel grid (kvtier.transfer.pack_rows)
         self.packed_below = packed_below
         # first chunk = slot / ramp, doubling up to a slot, halving at the end (0 = flat).
         # Off by default: on 2x H200 every extra chunk cost more than the shorter first gather
@@ -185,7 +186,7 @@ class PackedSender(KVSender):
         st = self._local_staging(rs)
         total = sum(chunk_bytes(ps, c) for c in chunks)
         rows = PackRows(self.torch_tensors, ps, chunks, src, self.plan.spec.num_blocks, st.buf,
-                        self._kernels)
+                        self._kernels, self.programs_per_sm)
         begin = message("pk", request_id, fp=self.fingerprint.hex(),
                         ids={str(g): v for g, v in dst.items()}, bytes=total,
                         slot=rs.slot_bytes, first=first, n=len(chunks))

@@ -28,7 +28,9 @@ from kvtier.transfer.torch_path import move_dtype, widest_divisor
 
 # Elements per program step; 8 KiB of int64 keeps several 16-byte loads in flight per thread.
 _BLOCK_BYTES = 8192
-_PROGRAMS_PER_SM = 8
+# Persistent grid: at most this many programs per SM. Fewer leave HBM bandwidth to the copy
+# engines that move the previous chunk over NVLink while this one is gathered.
+PROGRAMS_PER_SM = 8
 
 
 def plane_rows(tensors: Mapping[str, torch.Tensor], p: Plane, num_blocks: int) -> torch.Tensor:
@@ -67,14 +69,17 @@ class _Launch(NamedTuple):
 class PackRows:
     """One request's row tables. `ids[g]` are the request's block ids of group g on this side
     (CPU ints); `slot_base` is the staging buffer every slot lies in. Immutable once built;
-    gather/scatter enqueue on the current stream and return at once."""
+    gather/scatter enqueue on the current stream and return at once. `programs_per_sm` bounds
+    the kernel's grid (None: PROGRAMS_PER_SM; at least one program in all)."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], planes: Sequence[Plane],
                  chunks: Sequence[Sequence[Piece]], ids: Mapping[int, Sequence[int]],
                  num_blocks: int, slot_base: torch.Tensor,
-                 kernels: ModuleType | None = None) -> None:
+                 kernels: ModuleType | None = None,
+                 programs_per_sm: float | None = None) -> None:
         self.tensors, self.planes, self.chunks = tensors, list(planes), chunks
         self.num_blocks = num_blocks
+        self.programs_per_sm = programs_per_sm or PROGRAMS_PER_SM
         self.slot_base = slot_base
         self.kernels = kernels
         dev = slot_base.device
@@ -151,7 +156,7 @@ class PackRows:
         for run in self.launches[c]:
             block = min(_BLOCK_BYTES // self.elem, 1 << (run.row - 1).bit_length())
             tiles = (run.hi - run.lo) * -(-run.row // block)
-            grid = (max(1, min(tiles, self.sms * _PROGRAMS_PER_SM)),)
+            grid = (max(1, min(tiles, int(self.sms * self.programs_per_sm))),)
             po, so = self.plane_off[run.lo : run.hi], self.slot_off[run.lo : run.hi]
             if to_slot:
                 args = (self.base, self.slots, po, so, 0, shift)

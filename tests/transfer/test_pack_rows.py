@@ -52,8 +52,13 @@ def _tensors(spec: KVCacheSpec, seed: int) -> dict[str, torch.Tensor]:
             .to(DEVICE) for t in spec.tensors}
 
 
+# programs per SM: the default grid, and a grid of one program looping over every tile
+# (a CPU "device" counts one SM; a GPU has 132)
+@pytest.mark.parametrize("programs", [None, 0.001])
 @pytest.mark.parametrize("kind", ["plain_kv_split", "hybrid", "mla_odd"])
-def test_kernel_gather_and_scatter_match_torch(kernels: ModuleType, kind: str) -> None:
+def test_kernel_gather_and_scatter_match_torch(
+    kernels: ModuleType, kind: str, programs: float | None
+) -> None:
     spec = _spec(kind)
     rng = random.Random(kind)
     counts = {g: rng.randint(3, 9) for g in range(len(spec.groups))}
@@ -65,8 +70,8 @@ def test_kernel_gather_and_scatter_match_torch(kernels: ModuleType, kind: str) -
     src = _tensors(spec, 1)
     staging = [torch.full((stride * k,), 7, dtype=torch.uint8, device=DEVICE) for _ in range(2)]
     outs = [_tensors(spec, 2) for _ in range(2)]
-    fast = [PackRows(src, ps, chunks, ids, spec.num_blocks, staging[0], kernels),
-            PackRows(outs[0], ps, chunks, ids, spec.num_blocks, staging[0], kernels)]
+    fast = [PackRows(src, ps, chunks, ids, spec.num_blocks, staging[0], kernels, programs),
+            PackRows(outs[0], ps, chunks, ids, spec.num_blocks, staging[0], kernels, programs)]
     ref = [PackRows(src, ps, chunks, ids, spec.num_blocks, staging[1]),
            PackRows(outs[1], ps, chunks, ids, spec.num_blocks, staging[1])]
     assert len(chunks) > k

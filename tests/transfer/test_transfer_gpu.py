@@ -193,7 +193,8 @@ def test_staged_back_to_back_jobs(layerwise: bool) -> None:
 
 
 @pytest.mark.parametrize("geom", ["bf16-bs16", "mla", "fp32-small"])
-def test_layout_conversion_matches_torch(geom: str) -> None:
+@pytest.mark.parametrize(("tile", "warps"), [(8192, 4), (32768, 8)])
+def test_layout_conversion_matches_torch(geom: str, tile: int, warps: int) -> None:
     from kvtier.transfer.convert import convert_layout
 
     g, _ = GEOMS[geom]
@@ -201,6 +202,6 @@ def test_layout_conversion_matches_torch(geom: str) -> None:
     for frm, to in itertools.product(list(Layout), repeat=2):
         src = _rand(shape(frm, g, pages), g, "cuda")
         out = torch.empty(shape(to, g, pages), dtype=src.dtype, device="cuda").fill_(-1)
-        convert_layout(src, frm, to, g, out=out, path="triton")
+        convert_layout(src, frm, to, g, out=out, path="triton", tile_bytes=tile, num_warps=warps)
         ref = torch_convert(src.cpu(), frm, to, g)
         assert torch.equal(out.cpu().view(torch.uint8), ref.view(torch.uint8)), (frm, to)
