@@ -79,7 +79,7 @@ if [ "${SWEEP:-0}" = 1 ]; then
 fi
 # the goal geometry first; the bench writes bench-$geo.json after every step (--out)
 for geo in llama3-8b llama3-70b-tp8 llama3-70b-tp4 deepseek-v3-mla; do
-  part "bench-$geo" 75 "$PY" -m kvtier.cli.main bench transfer --geometry "$geo" \
+  part "bench-$geo" 110 "$PY" -m kvtier.cli.main bench transfer --geometry "$geo" \
     --pages "${PAGES:-512}" --reps "${REPS:-7}" --paths "$PATHS" --sweep-convert \
     --out "$OUT/bench-$geo.json"
   summarize
