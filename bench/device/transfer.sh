@@ -58,6 +58,8 @@ for f in sorted(out.glob("bench-*.json")):
         rat = r["ratios"][name]
         cell = lambda op: f"{ops[op]:5.1f}/{rat[op]:.2f}" if op in ops else "      -"
         print(f"{'':18} {'':>6} {('engine ' + name)[:34]:34} {cell('store'):>10} {cell('load'):>10} {cell('both'):>10} {cell('load_layerwise'):>10}")
+    for name, t in r.get("both_timeline_ms", {}).items():
+        print(f"{'':18} {'':>6} {('both ' + name)[:34]:34} submit store/load {t['submit_store_ms']:.2f}/{t['submit_load_ms']:.2f} ms, gpu store/load {t['store_gpu_ms']:.1f}/{t['load_gpu_ms']:.1f} ms, wall {t['both_wall_ms']:.1f} ms")
     for name, ops in r.get("conversion", {}).items():
         rat = r["conversion_ratios"][name]
         cells = "  ".join(f"{k} {v:.0f}/{rat[k]:.2f}" for k, v in ops.items())
@@ -68,8 +70,8 @@ PYEOF
 }
 
 # the staged DMA path and auto first; the known slow variants only with ALL=1
-FAST_PATHS=auto,staged,staged-batch,staged-batch-b3,triton,torch
-ALL_PATHS="$FAST_PATHS,staged-c8m,staged-c64m,store-staged+load-triton,dma,triton-grid-full,triton-cta2,triton-cta8,store-triton+load-torch,store-torch+load-triton"
+FAST_PATHS=auto,auto+threads,staged-batch,staged-batch+threads,staged,triton,torch
+ALL_PATHS="$FAST_PATHS,staged-batch-b3,staged-c8m,staged-c64m,store-staged+load-triton,dma,triton-grid-full,triton-cta2,triton-cta8,store-triton+load-torch,store-torch+load-triton"
 if [ "${ALL:-0}" = 1 ]; then PATHS="$ALL_PATHS"; else PATHS="${PATHS:-$FAST_PATHS}"; fi
 part gpu-tests 100 "$PY" -m pytest -m gpu tests/transfer/test_transfer_gpu.py -q -p no:cacheprovider --timeout 90 -o addopts="" -rfE
 if [ "${SWEEP:-0}" = 1 ]; then

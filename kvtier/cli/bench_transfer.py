@@ -51,6 +51,8 @@ ENGINE_VARIANTS = (
     "store-torch+load-triton",
     "torch",
     "dma",
+    "auto+threads",
+    "staged-batch+threads",
 )
 
 
@@ -215,6 +217,7 @@ def run_gpu(
     def engine(path: str) -> None:
         r = gb.engine_rates(st, ceilings, path, reps)
         res["engine"][path], res["ratios"][path] = r.gbps, r.ratios
+        res.setdefault("both_timeline_ms", {})[path] = r.notes
 
     def baselines() -> None:
         for name, r in gb.baselines(st, ceilings, reps).items():
@@ -227,7 +230,7 @@ def run_gpu(
 
     step("baselines", baselines)
     for path in paths:
-        if path not in gb.VARIANTS:
+        if not gb.known_variant(path):
             res["errors"][path] = f"unknown variant (known: {', '.join(gb.VARIANTS)})"
             continue
         step(path, functools.partial(engine, path))

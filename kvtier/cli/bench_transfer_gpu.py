@@ -157,6 +157,7 @@ class Rates:
         self.ceil, self.reps = ceil, reps
         self.gbps: dict[str, float] = {}
         self.ratios: dict[str, float] = {}
+        self.notes: dict[str, float] = {}  # diagnostics (milliseconds), not ratios
 
     def measure(self, op: str, fn: Callable[[], object], nbytes: int) -> None:
         ref, ref_bytes = self.ceil.fns[CEILING_OF[op]]
@@ -267,19 +268,27 @@ VARIANTS: dict[str, tuple[str, str, int | None, Staged | None]] = {
     "store-triton+load-torch": ("triton", "torch", None, None),
     "store-torch+load-triton": ("torch", "triton", None, None),
 }
-MAIN_VARIANTS = ("auto", "staged", "triton", "dma", "torch")
+MAIN_VARIANTS = ("auto", "staged", "triton", "dma", "torch", "auto+threads")
+
+
+def known_variant(path: str) -> bool:
+    return path.partition("+threads")[0] in VARIANTS
 
 
 def engine_rates(st: Setup, ceil: Ceilings, path: str, reps: int) -> Rates:
     """GB/s and paired ratios of the engine variant `path` (a VARIANTS key): store, load,
     layer-wise load (main variants only) and both at once, correctness-checked."""
-    store_path, load_path, ctas, staged = VARIANTS[path]
+    base, plus, _ = path.partition("+threads")  # "<variant>+threads": with submit threads
+    store_path, load_path, ctas, staged = VARIANTS[base]
     th = Thresholds.read()
     if ctas is not None:
         th = dataclasses.replace(th, triton_ctas_per_sm=ctas)
     if staged is not None:
         th = dataclasses.replace(th, staged=staged)
-    eng = CopyEngine(st.dkv, st.pool, path=store_path, load_path=load_path, thresholds=th)
+    eng = CopyEngine(
+        st.dkv, st.pool, path=store_path, load_path=load_path, thresholds=th,
+        submit_threads=bool(plus),
+    )
     n = st.nbytes
 
     def ok(job: int) -> None:
@@ -321,7 +330,25 @@ def engine_rates(st: Setup, ceil: Ceilings, path: str, reps: int) -> Rates:
         check_load(st, path)
         out.measure("load_layerwise", load_layers, n)
     out.measure("both", both, 2 * n)
+    out.notes = both_timeline(eng, st, reps)
     check_store(st, path)
     check_load(st, path)
     eng.close()
     return out
+
+
+def both_timeline(eng: CopyEngine, st: Setup, reps: int) -> dict[str, float]:
+    """Medians, in ms, of a store and a load submitted back to back: the CPU time each submit
+    took (the load's copies cannot start before the store's submit returns) and each job's GPU
+    time (start to done events)."""
+    rows = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a = eng.submit_store(st.blocks_a, st.slots_a.tolist())
+        t1 = time.perf_counter()
+        b = eng.submit_load(st.slots_b.tolist(), st.blocks_b)
+        t2 = time.perf_counter()
+        ra, rb = eng.wait(a), eng.wait(b)
+        rows.append((t1 - t0, t2 - t1, ra.seconds, rb.seconds, time.perf_counter() - t0))
+    keys = ("submit_store_ms", "submit_load_ms", "store_gpu_ms", "load_gpu_ms", "both_wall_ms")
+    return {k: 1e3 * statistics.median(r[i] for r in rows) for i, k in enumerate(keys)}

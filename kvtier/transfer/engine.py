@@ -16,7 +16,8 @@ device staging buffer and DMAed by the copy engines, pipelined; "auto" takes it 
 least `thresholds.staged.min_job_bytes`. On CPU tensors it runs the same chunking with tensor
 copies (that is how it is tested without a GPU).
 
-On the CPU (path "cpu" or "staged") jobs run synchronously inside submit; the job API is the same.
+On the CPU (path "cpu" or "staged") jobs run synchronously inside submit (on the direction's
+submit thread with `submit_threads`); the job API is the same.
 A copy that fails at run time completes as `success=False` (the cache above counts a miss and
 never serves that page); it is logged once per distinct error, never raised from poll/wait.
 """
@@ -40,6 +41,7 @@ from kvtier.transfer.device_kv import DeviceKV
 from kvtier.transfer.gpu_paths import GPUPaths
 from kvtier.transfer.staged import make_staged
 from kvtier.transfer.staged_plan import group_layout
+from kvtier.transfer.submit_worker import SubmitWorker
 from kvtier.transfer.thresholds import Thresholds
 from kvtier.transfer.torch_path import host_planes
 
@@ -69,6 +71,9 @@ class _Job:
     keep: list[object] = field(default_factory=list)
     error: str | None = None
     t0: float = 0.0
+    # set once the job's copies are enqueued (GPU) or done (CPU); at once without submit threads
+    enqueued: threading.Event = field(default_factory=threading.Event)
+    wall: float | None = None  # CPU jobs: seconds the copies took
 
 
 class CopyEngine:
@@ -79,6 +84,9 @@ class CopyEngine:
     "torch", "triton", "dma", "staged" (the last also on CPU tensors).
     `load_path` (GPU only; default: `path`) picks loads' path on its own, e.g. Triton stores
     beside copy-engine ("torch") loads, so the two directions use different hardware.
+    `submit_threads`: submit only records the ordering event and queues the job; one thread per
+    direction enqueues (GPU) or runs (CPU) the copies, in submit order (kvtier.transfer.
+    submit_worker). Results, ordering and errors are the same as without.
     Raises ConfigError when the path cannot run here or the pool does not fit the geometry.
     """
 
@@ -90,6 +98,7 @@ class CopyEngine:
         path: str = "auto",
         thresholds: Thresholds | None = None,
         load_path: str | None = None,
+        submit_threads: bool = False,
     ) -> None:
         if path not in ENGINE_PATHS:
             raise ConfigError("transfer.path", path, ENGINE_PATHS)
@@ -125,7 +134,6 @@ class CopyEngine:
         self._lock = threading.Lock()
         self._next_id = 1
         self._pending: dict[int, _Job] = {}
-        self._finished: dict[int, TransferResult] = {}
         self._logged: set[str] = set()
         self._gpu: GPUPaths | None = None
         self._rows = None if self.on_gpu else RowCopier(device_kv, self._host)
@@ -139,6 +147,9 @@ class CopyEngine:
             self._store_stream = torch.cuda.Stream(dev)
             self._load_stream = torch.cuda.Stream(dev)
         self._staged = make_staged(device_kv, host_pool, th.staged, self._gpu)
+        self._workers: dict[str, SubmitWorker] = {}
+        if submit_threads:
+            self._workers = {op: SubmitWorker(f"kvtier-{op}") for op in ("store", "load")}
 
     def _auto_staged(self, n_pages: int, groups: list[list[int]]) -> bool:
         """Whether "auto" takes the staged path: a large job whose per-page host runs are long
@@ -219,51 +230,84 @@ class CopyEngine:
         job_id = self._new_id()
         chunk_bytes = self.dkv.blocks_per_page * self.dkv.block_bytes
         nbytes = int(sl.numel()) * sum(len(gr) for gr in groups) * chunk_bytes
-        if self._gpu is None:
-            cpu_path = self.path if op == "store" else self.load_path
-            job = _Job(job_id, op, nbytes, cpu_path, t0=time.perf_counter())
-            try:
-                if cpu_path == "staged":
-                    for planes in groups:
-                        self._staged.run(op, blk, sl, planes)
-                elif op == "store":
-                    assert self._rows is not None
-                    self._rows.store(blk, sl)
-                else:
-                    assert self._rows is not None
-                    self._rows.load(sl, blk, groups[0])
-            except Exception as exc:  # a run-time fault becomes a failed job, never a crash
-                self._fail(job, exc)
-            result = TransferResult(
-                job_id, op, job.error is None, nbytes, time.perf_counter() - job.t0
-            )
-            with self._lock:
-                self._finished[job_id] = result
-            return job_id
         path = self.path if op == "store" else self.load_path
-        if path == "auto":
+        if self._gpu is not None and path == "auto":
             staged = self._auto_staged(int(sl.numel()), groups)
             path = "staged" if staged else self._gpu.choose(op, int(sl.numel()))
         job = _Job(job_id, op, nbytes, path, t0=time.perf_counter())
-        stream = self._store_stream if op == "store" else self._load_stream
+        ready = None
+        if self._gpu is not None:  # the copies are ordered after what the caller enqueued so far
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.dkv.device))
+        with self._lock:
+            self._pending[job_id] = job
+        worker = self._workers.get(op)
+        if worker is None:
+            self._run(job, blk, sl, groups, ready)
+        else:
+            worker.put(lambda: self._run(job, blk, sl, groups, ready))
+        return job_id
+
+    def _run(
+        self,
+        job: _Job,
+        blk: torch.Tensor,
+        sl: torch.Tensor,
+        groups: list[list[int]],
+        ready: torch.cuda.Event | None,
+    ) -> None:
+        try:
+            if ready is None:
+                self._run_cpu(job, blk, sl, groups)
+            else:
+                self._enqueue_gpu(job, blk, sl, groups, ready)
+        finally:
+            job.enqueued.set()
+
+    def _run_cpu(
+        self, job: _Job, blk: torch.Tensor, sl: torch.Tensor, groups: list[list[int]]
+    ) -> None:
+        t0 = time.perf_counter()
+        try:
+            if job.path == "staged":
+                for planes in groups:
+                    self._staged.run(job.op, blk, sl, planes)
+            elif job.op == "store":
+                assert self._rows is not None
+                self._rows.store(blk, sl)
+            else:
+                assert self._rows is not None
+                self._rows.load(sl, blk, groups[0])
+        except Exception as exc:  # a run-time fault becomes a failed job, never a crash
+            self._fail(job, exc)
+        job.wall = time.perf_counter() - t0
+
+    def _enqueue_gpu(
+        self,
+        job: _Job,
+        blk: torch.Tensor,
+        sl: torch.Tensor,
+        groups: list[list[int]],
+        ready: torch.cuda.Event,
+    ) -> None:
+        assert self._gpu is not None
+        stream = self._store_stream if job.op == "store" else self._load_stream
         dev = self.dkv.device
         with torch.cuda.device(dev):
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(dev))
             stream.wait_event(ready)
             with torch.cuda.stream(stream):
                 job.start = torch.cuda.Event(enable_timing=True)
                 job.start.record(stream)
                 try:
                     blk_dev = None
-                    if path == "staged":  # block ids go to the device once per job
+                    if job.path == "staged":  # block ids go to the device once per job
                         blk_dev = blk.to(dev, non_blocking=True)
                         job.keep.append(blk_dev)
                     for planes in groups:
                         if blk_dev is not None:
-                            job.keep += self._staged.run(op, blk, sl, planes, blk_dev)
+                            job.keep += self._staged.run(job.op, blk, sl, planes, blk_dev)
                         else:
-                            job.keep += self._gpu.run(op, path, blk, sl, planes, self._host)
+                            job.keep += self._gpu.run(job.op, job.path, blk, sl, planes, self._host)
                         if len(groups) > 1:
                             ev = torch.cuda.Event()
                             ev.record(stream)
@@ -272,36 +316,39 @@ class CopyEngine:
                     self._fail(job, exc)
                 job.done = torch.cuda.Event(enable_timing=True)
                 job.done.record(stream)
-        with self._lock:
-            self._pending[job_id] = job
-        return job_id
 
     # -- completion --------------------------------------------------------------------------
     def _result(self, job: _Job) -> TransferResult:
-        seconds = time.perf_counter() - job.t0
+        seconds = job.wall if job.wall is not None else time.perf_counter() - job.t0
         if job.start is not None and job.done is not None:
             with contextlib.suppress(RuntimeError):
                 seconds = job.start.elapsed_time(job.done) / 1e3
         return TransferResult(job.job_id, job.op, job.error is None, job.nbytes, seconds)
 
+    @staticmethod
+    def _finished_now(job: _Job) -> bool:
+        return job.enqueued.is_set() and (job.done is None or job.done.query())
+
     def poll(self) -> list[TransferResult]:
         """Jobs finished since the last poll (or wait), each reported once, by job id."""
         with self._lock:
-            out = list(self._finished.values())
-            self._finished.clear()
+            out = []
             for job_id, job in list(self._pending.items()):
-                if job.done is None or job.done.query():
+                if self._finished_now(job):
                     del self._pending[job_id]
                     out.append(self._result(job))
         return sorted(out, key=lambda r: r.job_id)
 
     def wait_layer(self, job_id: int, layer: int) -> None:
         """Make the caller's current CUDA stream wait until layer `layer` of load `job_id` has
-        landed (the whole job for non-layerwise loads). Returns at once; no-op on the CPU and
-        for jobs already reported finished."""
+        landed (the whole job for non-layerwise loads). Returns once the job is enqueued; no-op
+        on the CPU and for jobs already reported finished."""
         with self._lock:
             job = self._pending.get(job_id)
-        if job is None or job.done is None:
+        if job is None:
+            return
+        job.enqueued.wait()
+        if job.done is None:
             return
         # a job that failed part-way has fewer layer events: its end covers every layer
         ev = job.layer_events[layer] if layer < len(job.layer_events) else job.done
@@ -313,26 +360,30 @@ class CopyEngine:
         an unknown or already reported job, TimeoutError when `timeout` seconds pass first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            if job_id in self._finished:
-                return self._finished.pop(job_id)
             job = self._pending.get(job_id)
         if job is None:
             raise KeyError(f"no pending transfer job {job_id}")
-        assert job.done is not None
-        if deadline is None:
-            job.done.synchronize()
-        else:
-            while not job.done.query():
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"transfer job {job_id} still running after {timeout}s")
-                time.sleep(50e-6)
-        torch.cuda.current_stream(self.dkv.device).wait_event(job.done)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not job.enqueued.wait(left):
+            raise TimeoutError(f"transfer job {job_id} still queued after {timeout}s")
+        if job.done is not None:
+            if deadline is None:
+                job.done.synchronize()
+            else:
+                while not job.done.query():
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"transfer job {job_id} still running after {timeout}s")
+                    time.sleep(50e-6)
+            torch.cuda.current_stream(self.dkv.device).wait_event(job.done)
         with self._lock:
             self._pending.pop(job_id, None)
         return self._result(job)
 
     def close(self) -> None:
-        """Wait for every job in flight; pending results stay available to poll."""
+        """Wait for every job in flight and stop the submit threads; pending results stay
+        available to poll."""
+        for worker in self._workers.values():
+            worker.close()
         with self._lock:
             jobs = list(self._pending.values())
         for job in jobs:

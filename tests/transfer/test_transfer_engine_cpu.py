@@ -21,14 +21,22 @@ MHA = KVGeometry(3, 2, 16, 8, "bfloat16")
 MLA = KVGeometry(3, 1, 40, 8, "bfloat16", mla=True)
 
 
-def _roundtrip(kind: str, g: KVGeometry, bs: int, seed: int, layerwise: bool = False) -> None:
+def _roundtrip(
+    kind: str,
+    g: KVGeometry,
+    bs: int,
+    seed: int,
+    layerwise: bool = False,
+    threads: bool = False,
+    path: str = "auto",
+) -> None:
     rng = random.Random(seed)
     n = g.page_size // bs
     nb, pages, num_slots = 12 * n, 7, 16
     dkv, read, tensors = build(kind, g, bs, nb, seed)
     pool = HostPool(num_slots, g.page_bytes, pin=False)
     pool.payloads().fill_(POISON)
-    eng = CopyEngine(dkv, pool)
+    eng = CopyEngine(dkv, pool, submit_threads=threads, path=path)
     blocks = [rng.sample(range(nb), n) for _ in range(pages)]
     flat = [b for page in blocks for b in page]
     if len(set(flat)) != len(flat):  # a store may read a block twice; keep loads unique below
@@ -50,7 +58,7 @@ def _roundtrip(kind: str, g: KVGeometry, bs: int, seed: int, layerwise: bool = F
     job = eng.submit_load(slots, torch.tensor(lblocks), layerwise=layerwise)
     for layer in range(g.num_layers):
         eng.wait_layer(job, layer)
-    assert eng.poll()[0].success
+    assert eng.wait(job).success
     for page, slot in zip(lblocks, slots):
         got = expected_blob(g, read, page)
         if kind == "vllm_shared":  # layer pairs share memory: both read the first's data
@@ -97,18 +105,41 @@ def test_property_roundtrip(
     _roundtrip(kind, g, bs, seed)
 
 
-def _engine() -> tuple[CopyEngine, HostPool]:
+@pytest.mark.parametrize("path", ["auto", "staged"])
+@pytest.mark.parametrize("kind", ["vllm", "cross_layer", "sglang_mla"])
+def test_submit_threads_roundtrip(kind: str, path: str) -> None:
+    g = MLA if kind.endswith("mla") else MHA
+    _roundtrip(kind, g, g.page_size, seed=9, layerwise=True, threads=True, path=path)
+
+
+def _engine(threads: bool = False) -> tuple[CopyEngine, HostPool]:
     dkv, _, _ = build("vllm", MHA, 4, 20)
     pool = HostPool(8, MHA.page_bytes, pin=False)
-    return CopyEngine(dkv, pool), pool
+    return CopyEngine(dkv, pool, submit_threads=threads), pool
 
 
-def test_job_api_reports_each_job_once() -> None:
-    eng, _ = _engine()
+def test_submit_threads_keep_each_direction_in_order() -> None:
+    dkv, read, _ = build("vllm", MHA, 4, 20)
+    pool = HostPool(8, MHA.page_bytes, pin=False)
+    eng = CopyEngine(dkv, pool, submit_threads=True)
+    pages = [[2 * i, 2 * i + 1] for i in range(8)]
+    # every job writes slot 0 (and a slot of its own): the last submitted must win
+    jobs = [eng.submit_store([pages[i], pages[(i + 1) % 8]], [0, 1 + i % 7]) for i in range(8)]
+    assert all(eng.wait(j).success for j in reversed(jobs))
+    assert torch.equal(pool.payload(0), expected_blob(MHA, read, pages[7]))
+    threads = list(eng._workers.values())
+    eng.close()
+    assert not any(w._thread.is_alive() for w in threads)
+
+
+@pytest.mark.parametrize("threads", [False, True])
+def test_job_api_reports_each_job_once(threads: bool) -> None:
+    eng, _ = _engine(threads)
     a = eng.submit_store([[0, 1], [2, 3]], [0, 1])
     b = eng.submit_load([0], [[5, 6]])
     assert a != b
     assert eng.wait(b).job_id == b
+    eng.wait_layer(a, 0)  # on the CPU: returns once the job ran
     results = eng.poll()
     assert [r.job_id for r in results] == [a]
     assert eng.poll() == []
@@ -144,8 +175,9 @@ def test_config_errors() -> None:
         CopyEngine(dkv, HostPool(4, MHA.page_bytes, pin=False), load_path="warp")
 
 
-def test_runtime_fault_is_a_failed_job_not_a_crash() -> None:
-    eng, _ = _engine()
+@pytest.mark.parametrize("threads", [False, True])
+def test_runtime_fault_is_a_failed_job_not_a_crash(threads: bool) -> None:
+    eng, _ = _engine(threads)
     assert eng._rows is not None
     eng._rows.host = eng._rows.host[:, :, :1]  # the slot view no longer fits a page
     res = eng.wait(eng.submit_store([[0, 1]], [0]))

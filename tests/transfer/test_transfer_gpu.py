@@ -33,17 +33,22 @@ GEOMS = {
     "odd-item": (KVGeometry(2, 1, 12, 4, "float16"), 1),  # 24-byte items
 }
 PATHS = ["triton", "dma", "torch", "auto", "staged", "staged-chunked", "staged-batch"]
+# the same engines with submit threads (kvtier.transfer.submit_worker)
+THREADED = ["auto+threads", "triton+threads", "staged-chunked+threads"]
 
 
 def _engine(dkv: DeviceKV, pool: HostPool, path: str) -> CopyEngine:
     """`staged-chunked`: chunks of ~2.5 pages and 2 buffers (many chunks per job, buffers
-    reused within a job); `staged-batch`: the same with batched driver copies."""
+    reused within a job); `staged-batch`: the same with batched driver copies; a "+threads"
+    suffix turns submit threads on."""
+    path, plus, _ = path.partition("+threads")
+    threads = bool(plus)
     if not path.startswith("staged-"):
-        return CopyEngine(dkv, pool, path=path)
+        return CopyEngine(dkv, pool, path=path, submit_threads=threads)
     chunk = int(2.5 * dkv.geometry.page_bytes)
     staged = Staged(chunk_bytes=chunk, buffers=2, batch=path == "staged-batch")
     th = dataclasses.replace(Thresholds.read(), staged=staged)
-    return CopyEngine(dkv, pool, path="staged", thresholds=th)
+    return CopyEngine(dkv, pool, path="staged", thresholds=th, submit_threads=threads)
 
 
 def _rand(shape_: tuple[int, ...], g: KVGeometry, dev: str) -> torch.Tensor:
@@ -119,13 +124,13 @@ def test_paths_match_cpu(name: str, path: str) -> None:
     _case(name, "vllm", path, layerwise=False)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATHS + THREADED)
 @pytest.mark.parametrize("kind", ["blocks_first", "shared"])
 def test_adapters_and_layerwise(kind: str, path: str) -> None:
     _case("bf16-bs4", kind, path, layerwise=True)
 
 
-@pytest.mark.parametrize("path", ["triton", "dma", "staged", "staged-chunked"])
+@pytest.mark.parametrize("path", ["triton", "dma", "staged", "staged-chunked", *THREADED])
 def test_store_and_load_at_once(path: str) -> None:
     g = KVGeometry(8, 2, 128, 16, "bfloat16")
     nb = 256
@@ -146,8 +151,9 @@ def test_store_and_load_at_once(path: str) -> None:
     assert torch.equal(got.reshape(128, -1).view(torch.uint8).cpu(), expect_host)
 
 
+@pytest.mark.parametrize("threads", [False, True])
 @pytest.mark.parametrize("layerwise", [False, True])
-def test_staged_back_to_back_jobs(layerwise: bool) -> None:
+def test_staged_back_to_back_jobs(layerwise: bool, threads: bool) -> None:
     """Several staged jobs in flight on one engine reuse the same staging buffers: each job's
     bytes must still be its own (the per-buffer events order them); auto picks staged."""
     g = KVGeometry(4, 2, 128, 16, "bfloat16")
@@ -158,7 +164,9 @@ def test_staged_back_to_back_jobs(layerwise: bool) -> None:
         Thresholds.read(),
         staged=Staged(min_job_bytes=0, min_run_bytes=0, chunk_bytes=3 * g.page_bytes, buffers=2),
     )
-    eng = CopyEngine(DeviceKV.from_vllm(layers, g, 16), pool, path="auto", thresholds=th)
+    eng = CopyEngine(
+        DeviceKV.from_vllm(layers, g, 16), pool, path="auto", thresholds=th, submit_threads=threads
+    )
     rng = random.Random(5)
     perm = rng.sample(range(nb), nb)
     slots = rng.sample(range(200), 200)
