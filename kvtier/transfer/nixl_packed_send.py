@@ -185,13 +185,9 @@ class PackedSender(KVSender):
                                 rs.slot_bytes, first)
         st = self._local_staging(rs)
         total = sum(chunk_bytes(ps, c) for c in chunks)
-        rows = PackRows(self.torch_tensors, ps, chunks, src, self.plan.spec.num_blocks, st.buf,
-                        self._kernels, self.programs_per_sm)
         begin = message("pk", request_id, fp=self.fingerprint.hex(),
                         ids={str(g): v for g, v in dst.items()}, bytes=total,
                         slot=rs.slot_bytes, first=first, n=len(chunks))
-        if self._stream is not None:  # gathers read what the caller's stream wrote
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
         k = st.slots
         writes: dict[int, Any] = {}  # chunk -> handle in flight
         freed: set[int] = set()
@@ -230,7 +226,7 @@ class PackedSender(KVSender):
 
             self._wait_until(polled, request_id, deadline, "receiver did not keep up")
 
-        def gather(c: int) -> None:
+        def gather(rows: PackRows, c: int) -> None:
             ctx = torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
             with ctx:
                 rows.gather(c, (c % k) * st.stride)
@@ -238,12 +234,19 @@ class PackedSender(KVSender):
                     events[c] = torch.cuda.Event()
                     events[c].record(self._stream)
 
-        ph = dict.fromkeys(("gather", "sync", "post", "slot_wait", "ack_wait"), 0.0)
+        ph = dict.fromkeys(("prepare", "gather", "sync", "post", "slot_wait", "ack_wait"), 0.0)
         clock = time.perf_counter
         try:
+            # announce first: the receiver builds its row tables while this side builds its own
             self.agent.send_notif(self.peer.agent, begin)
+            rows = PackRows(self.torch_tensors, ps, chunks, src, self.plan.spec.num_blocks,
+                            st.buf, self._kernels, self.programs_per_sm)
+            ph["prepare"] = time.monotonic() - start
+            if self._stream is not None:  # gathers read what the caller's stream wrote (and
+                # the row tables PackRows uploaded on it)
+                self._stream.wait_stream(torch.cuda.current_stream(self.device))
             if chunks:
-                gather(0)
+                gather(rows, 0)
             for c in range(len(chunks)):
                 t0 = clock()
                 ev = events.pop(c, None)
@@ -267,7 +270,7 @@ class PackedSender(KVSender):
                     else:
                         poll()
                     t3 = clock()
-                    gather(nxt)
+                    gather(rows, nxt)
                     ph["slot_wait"] += t3 - t2
                     ph["gather"] += clock() - t3
             t4 = clock()

@@ -28,9 +28,13 @@ from kvtier.transfer.torch_path import move_dtype, widest_divisor
 
 # Elements per program step; 8 KiB of int64 keeps several 16-byte loads in flight per thread.
 _BLOCK_BYTES = 8192
-# Persistent grid: at most this many programs per SM. Fewer leave HBM bandwidth to the copy
-# engines that move the previous chunk over NVLink while this one is gathered.
-PROGRAMS_PER_SM = 8
+# Persistent grid: at most this many programs per SM. A gather or scatter that runs beside a
+# NIXL write takes fewer, leaving HBM bandwidth to the copy engines that move the other chunk
+# over NVLink (2x H200: 58-59% of peer copy at 2 per SM against 50-57% at 8, 49-55% at 1,
+# bench/results/pd-h200x2-2026-11-22-run7.md); the first gather and the last scatter, which
+# nothing overlaps, take the full grid.
+PROGRAMS_PER_SM = 2
+FULL_PROGRAMS_PER_SM = 8
 
 
 def plane_rows(tensors: Mapping[str, torch.Tensor], p: Plane, num_blocks: int) -> torch.Tensor:
@@ -70,7 +74,8 @@ class PackRows:
     """One request's row tables. `ids[g]` are the request's block ids of group g on this side
     (CPU ints); `slot_base` is the staging buffer every slot lies in. Immutable once built;
     gather/scatter enqueue on the current stream and return at once. `programs_per_sm` bounds
-    the kernel's grid (None: PROGRAMS_PER_SM; at least one program in all)."""
+    the grid of gathers and scatters that run beside a write (None: PROGRAMS_PER_SM; at least
+    one program in all)."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], planes: Sequence[Plane],
                  chunks: Sequence[Sequence[Piece]], ids: Mapping[int, Sequence[int]],
@@ -129,18 +134,20 @@ class PackRows:
 
     def gather(self, c: int, slot_at: int) -> None:
         """Copy chunk c's rows from the engine's tensors into the slot at byte `slot_at` of
-        the staging buffer."""
+        the staging buffer (chunk 0 on the full grid: no write runs beside it)."""
         if self.kernels is None:
             return self._torch(c, slot_at, to_slot=True)
-        self._launch(c, slot_at, to_slot=True)
+        self._launch(c, slot_at, True, FULL_PROGRAMS_PER_SM if c == 0 else None)
 
     def scatter(self, c: int, slot_at: int) -> None:
-        """Copy chunk c's rows from the slot at byte `slot_at` into the engine's tensors."""
+        """Copy chunk c's rows from the slot at byte `slot_at` into the engine's tensors (the
+        last chunk on the full grid)."""
         if self.kernels is None:
             return self._torch(c, slot_at, to_slot=False)
-        self._launch(c, slot_at, to_slot=False)
+        last = c == len(self.chunks) - 1
+        self._launch(c, slot_at, False, FULL_PROGRAMS_PER_SM if last else None)
 
-    def _launch(self, c: int, slot_at: int, to_slot: bool) -> None:
+    def _launch(self, c: int, slot_at: int, to_slot: bool, programs: float | None) -> None:
         assert self.kernels is not None
         shift = slot_at // self.elem
         if self.slot_base.device.type == "cuda":  # the tables live until this stream is done
@@ -149,14 +156,14 @@ class PackRows:
             self.slot_off.record_stream(stream)
         dev = self.slot_base.device
         with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-            self._launch_runs(c, shift, to_slot)
+            self._launch_runs(c, shift, to_slot, programs or self.programs_per_sm)
 
-    def _launch_runs(self, c: int, shift: int, to_slot: bool) -> None:
+    def _launch_runs(self, c: int, shift: int, to_slot: bool, programs: float) -> None:
         assert self.kernels is not None
         for run in self.launches[c]:
             block = min(_BLOCK_BYTES // self.elem, 1 << (run.row - 1).bit_length())
             tiles = (run.hi - run.lo) * -(-run.row // block)
-            grid = (max(1, min(tiles, int(self.sms * self.programs_per_sm))),)
+            grid = (max(1, min(tiles, int(self.sms * programs))),)
             po, so = self.plane_off[run.lo : run.hi], self.slot_off[run.lo : run.hi]
             if to_slot:
                 args = (self.base, self.slots, po, so, 0, shift)
