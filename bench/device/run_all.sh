@@ -7,7 +7,7 @@ OUT=${OUT:-/tmp/kvtier-device}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 WORK="$OUT/work"
 mkdir -p "$WORK"
-{ date -u +%FT%TZ; git rev-parse --short HEAD 2>/dev/null || echo "${KVTIER_COMMIT:-unknown}"
+{ date -u +%FT%TZ; echo "${KVTIER_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; } \
   > "$WORK/env.txt" 2>&1

@@ -20,13 +20,13 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from kvtier.cli import provenance
 from kvtier.geometry.groups import KVCacheSpec, uniform_spec
 from kvtier.geometry.spec import preset
 
@@ -351,12 +351,7 @@ def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[i
 def machine(device: str) -> dict[str, Any]:
     import torch
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    commit = os.environ.get("KVTIER_COMMIT") or commit
+    commit = provenance.commit()
     info: dict[str, Any] = {"host": platform.node(), "cpu": platform.processor() or
                             platform.machine(), "cores": os.cpu_count(),
                             "python": platform.python_version(), "torch": torch.__version__,

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from kvtier.cli import provenance
 from kvtier.cli.tracegen import TRACES
 from kvtier.errors import ConfigError
 from kvtier.policy import POLICIES, make_policy, replay
@@ -48,12 +48,7 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+    commit = provenance.commit()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),

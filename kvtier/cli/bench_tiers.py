@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.cli import bench_tiers_run as m
+from kvtier.cli import provenance
 from kvtier.cli.servers import MooncakeMaster, RedisServer, ServerUnavailable
 from kvtier.errors import KVTierError
 from kvtier.keys import verify
@@ -189,10 +189,8 @@ def machine() -> dict[str, Any]:
     with contextlib.suppress(OSError):
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False, cwd=Path(__file__).parent).stdout.strip()
     return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
-            "python": platform.python_version(), "commit": commit or "unknown",
+            "python": platform.python_version(), "commit": provenance.commit(),
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 

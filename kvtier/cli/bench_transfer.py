@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from kvtier.cli import provenance
 from kvtier.geometry.spec import PRESETS, KVGeometry, preset
 
 # Small-item geometries (4 KiB runs per layer per page): a 70B model at TP8, MLA with 4-token
@@ -80,13 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    return provenance.commit()
 
 
 def _meta(g: KVGeometry, name: str, pages: int) -> dict[str, Any]:

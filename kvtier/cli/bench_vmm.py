@@ -17,13 +17,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from kvtier.cli import provenance
 from kvtier.memory.elastic import ElasticPool
 from kvtier.memory.elastic_layout import ElasticLayout
 from kvtier.memory.vmm_backend import PAGE_BYTES, DeviceBackend
@@ -172,12 +172,7 @@ def _device_name() -> str:
 
 
 def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=False)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
+    return provenance.commit(short=False)
 
 
 def format_table(rows: list[Row]) -> str:
