@@ -31,7 +31,7 @@ import torch
 from kvtier.memory.host_pool import HostPool
 from kvtier.transfer.device_kv import DeviceKV
 from kvtier.transfer.gpu_paths import GPUPaths
-from kvtier.transfer.staged_plan import Layout, chunk_bounds, copy_runs, group_layout
+from kvtier.transfer.staged_plan import JobCopies, Layout, chunk_bounds, group_layout, job_copies
 from kvtier.transfer.thresholds import Staged
 from kvtier.transfer.torch_path import move_dtype
 
@@ -53,6 +53,10 @@ class _Direction:
     free: list[torch.cuda.Event]
     lock: threading.Lock
     next_buf: int = 0
+
+    @property
+    def stream_handle(self) -> int:
+        return self.stream.cuda_stream if self.stream is not None else 0
 
 
 class StagedPath:
@@ -88,6 +92,15 @@ class StagedPath:
         self._make_lock = threading.Lock()
         self._page_off: dict[tuple[int, int, int], torch.Tensor] = {}
         self._host_u8 = pool.tensor.view(-1)
+
+    def _on(self, stream: torch.cuda.Stream, enqueue: Callable[[], None]) -> None:
+        """Run `enqueue` for `stream`: driver copies take the handle directly; tensor copies
+        need it as the current stream (a context switch costs ~10 us per chunk)."""
+        if self.copier is not None:
+            enqueue()
+            return
+        with torch.cuda.stream(stream):
+            enqueue()
 
     def _direction(self, op: str) -> _Direction:
         with self._make_lock:
@@ -147,19 +160,19 @@ class StagedPath:
             else:
                 plane.index_copy_(0, blocks, rows.reshape(pages * n, be))
 
-    def _host_copy(self, to_host: bool, slots: np.ndarray, buf: torch.Tensor, lay: Layout) -> None:
-        host, stage, size = copy_runs(
-            slots, lay, self.plane_bytes, self.pool.slot_bytes, self.pool.payload_offset
-        )
+    def _host_copy(
+        self, to_host: bool, copies: JobCopies, c: int, buf: torch.Tensor, stream: int
+    ) -> None:
+        """Enqueue chunk c's host copies between the pool and `buf` on `stream` (a CUstream
+        handle; without a copier: the current stream)."""
+        lo, hi = int(copies.bounds[c]), int(copies.bounds[c + 1])
+        host, stage, size = copies.host[lo:hi], copies.stage[lo:hi], copies.size[lo:hi]
         if self.copier is not None:
-            h = host + self._host_u8.data_ptr()
-            s = stage + buf.data_ptr()
-            dst, src = (h, s) if to_host else (s, h)
-            stream = torch.cuda.current_stream(self.dkv.device).cuda_stream
-            self.copier(
-                dst.astype(np.uint64), src.astype(np.uint64), size.astype(np.uint64), stream
-            )
+            s = stage + np.uint64(buf.data_ptr())
+            dst, src = (host, s) if to_host else (s, host)
+            self.copier(dst, src, size, stream)
             return
+        host = host - np.uint64(self._host_u8.data_ptr())
         for h_off, s_off, n in zip(host.tolist(), stage.tolist(), size.tolist()):
             hv, sv = self._host_u8[h_off : h_off + n], buf[s_off : s_off + n]
             if to_host:
@@ -187,21 +200,27 @@ class StagedPath:
         n = self.dkv.blocks_per_page
         flat = blocks.reshape(-1) if blocks_dev is None else blocks_dev.reshape(-1)
         flat = flat.to(self.dkv.device, non_blocking=True)
-        slots_np = slots.numpy().astype(np.int64)
+        # every chunk's host copies in one pass, as absolute addresses (uint64 for the driver)
+        ppc = self.chunk_bytes // lay.stride
+        jc = job_copies(slots.numpy().astype(np.int64), lay, self.plane_bytes,
+                        self.pool.slot_bytes, self.pool.payload_offset, ppc)
+        jc = jc._replace(host=(jc.host + self._host_u8.data_ptr()).astype(np.uint64),
+                         stage=jc.stage.astype(np.uint64), size=jc.size.astype(np.uint64))
         main = torch.cuda.current_stream(self.dkv.device) if self.on_gpu else None
         with d.lock:
             if d.stream is not None and main is not None:
                 start = torch.cuda.Event()
                 start.record(main)
                 d.stream.wait_event(start)  # no copy of this job runs before main's earlier work
-            for lo, hi in chunk_bounds(int(slots.numel()), self.chunk_bytes // lay.stride):
+            bounds = chunk_bounds(int(slots.numel()), ppc)
+            for c, (lo, hi) in enumerate(bounds):
                 b = d.next_buf
                 d.next_buf = (b + 1) % self.num_buffers
                 buf, blk = d.buffers[b], flat[lo * n : hi * n]
                 if op == "store":
-                    self._stage_store(d, b, main, blk, buf, slots_np[lo:hi], planes, lay)
+                    self._stage_store(d, b, main, blk, buf, jc, c, planes, lay)
                 else:
-                    self._stage_load(d, b, main, blk, buf, slots_np[lo:hi], planes, lay)
+                    self._stage_load(d, b, main, blk, buf, jc, c, planes, lay)
             if d.stream is not None and main is not None and op == "store":
                 end = torch.cuda.Event()
                 end.record(d.stream)
@@ -215,20 +234,20 @@ class StagedPath:
         main: torch.cuda.Stream | None,
         blk: torch.Tensor,
         buf: torch.Tensor,
-        slots: np.ndarray,
+        jc: JobCopies,
+        c: int,
         planes: Sequence[int],
         lay: Layout,
     ) -> None:
         if d.stream is None or main is None:
             self._device_copy(True, blk, buf, planes, lay)
-            self._host_copy(True, slots, buf, lay)
+            self._host_copy(True, jc, c, buf, 0)
             return
         main.wait_event(d.free[b])  # the previous DMA out of buffer b has finished
         self._device_copy(True, blk, buf, planes, lay)
         d.filled[b].record(main)
         d.stream.wait_event(d.filled[b])
-        with torch.cuda.stream(d.stream):
-            self._host_copy(True, slots, buf, lay)
+        self._on(d.stream, lambda: self._host_copy(True, jc, c, buf, d.stream_handle))
         d.free[b].record(d.stream)
 
     def _stage_load(
@@ -238,17 +257,17 @@ class StagedPath:
         main: torch.cuda.Stream | None,
         blk: torch.Tensor,
         buf: torch.Tensor,
-        slots: np.ndarray,
+        jc: JobCopies,
+        c: int,
         planes: Sequence[int],
         lay: Layout,
     ) -> None:
         if d.stream is None or main is None:
-            self._host_copy(False, slots, buf, lay)
+            self._host_copy(False, jc, c, buf, 0)
             self._device_copy(False, blk, buf, planes, lay)
             return
         d.stream.wait_event(d.free[b])  # the previous scatter out of buffer b has finished
-        with torch.cuda.stream(d.stream):
-            self._host_copy(False, slots, buf, lay)
+        self._on(d.stream, lambda: self._host_copy(False, jc, c, buf, d.stream_handle))
         d.filled[b].record(d.stream)
         main.wait_event(d.filled[b])
         self._device_copy(False, blk, buf, planes, lay)

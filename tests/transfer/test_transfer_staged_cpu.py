@@ -18,7 +18,13 @@ from kvtier.errors import ConfigError
 from kvtier.geometry.spec import KVGeometry
 from kvtier.memory.host_pool import HostPool
 from kvtier.transfer.engine import CopyEngine
-from kvtier.transfer.staged_plan import chunk_bounds, copy_runs, group_layout, plane_runs
+from kvtier.transfer.staged_plan import (
+    chunk_bounds,
+    copy_runs,
+    group_layout,
+    job_copies,
+    plane_runs,
+)
 from kvtier.transfer.thresholds import Staged, Thresholds
 
 MHA = KVGeometry(3, 2, 16, 8, "bfloat16")
@@ -143,6 +149,31 @@ def test_planner_pieces() -> None:
     host, stage, size = copy_runs(np.array([0]), gap, 100, 1000, 0)
     assert host.tolist() == [0, 400] and stage.tolist() == [0, 400]
     assert size.tolist() == [200, 200]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    planes=st.sets(st.integers(0, 7), min_size=1),
+    n=st.integers(0, 20),
+    ppc=st.integers(1, 6),
+    contiguous=st.booleans(),
+    header=st.sampled_from([0, 64]),
+    seed=st.integers(0, 2**16),
+)
+def test_job_copies_match_per_chunk_copy_runs(
+    planes: set[int], n: int, ppc: int, contiguous: bool, header: int, seed: int
+) -> None:
+    lay = group_layout(sorted(planes), 100)
+    slot_bytes = 800 + header
+    rng = np.random.default_rng(seed)
+    slots = np.arange(n) + 3 if contiguous else rng.permutation(40)[:n]
+    jc = job_copies(slots, lay, 100, slot_bytes, header, ppc)
+    assert jc.bounds.size == len(chunk_bounds(n, ppc)) + 1 and jc.bounds[-1] == jc.host.size
+    for c, (lo, hi) in enumerate(chunk_bounds(n, ppc)):
+        a, b = jc.bounds[c], jc.bounds[c + 1]
+        want = copy_runs(slots[lo:hi], lay, 100, slot_bytes, header)
+        for got, exp in zip((jc.host[a:b], jc.stage[a:b], jc.size[a:b]), want):
+            assert np.array_equal(got, exp), c
 
 
 def test_auto_choice_and_config() -> None:
