@@ -261,6 +261,8 @@ class CopyEngine:
                 self._run_cpu(job, blk, sl, groups)
             else:
                 self._enqueue_gpu(job, blk, sl, groups, ready)
+        except Exception as exc:  # a failed job, never a dead submit thread or a hung wait()
+            self._fail(job, exc)
         finally:
             job.enqueued.set()
 

@@ -80,14 +80,11 @@ def copy_runs(
     plane_bytes: int,
     slot_bytes: int,
     payload_offset: int,
-    pages_per_chunk: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(host offsets, staging offsets, sizes) in bytes, relative to the pool tensor and to the
     staging buffer, of the copies of one chunk whose pages live in `slots` (page i of the chunk
-    at staging offset i * layout.stride). Copies adjacent on both sides are merged. With
-    `pages_per_chunk`, `slots` is a whole job and page i sits at offset (i % pages_per_chunk) *
-    layout.stride of its chunk's buffer."""
-    return _runs(slots, layout, plane_bytes, slot_bytes, payload_offset, pages_per_chunk)[:3]
+    at staging offset i * layout.stride). Copies adjacent on both sides are merged."""
+    return _runs(slots, layout, plane_bytes, slot_bytes, payload_offset, None)[:3]
 
 
 def _runs(
@@ -98,7 +95,9 @@ def _runs(
     payload_offset: int,
     pages_per_chunk: int | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """copy_runs plus the index of each merged copy's first item (page * len(runs) + run)."""
+    """copy_runs plus the index of each merged copy's first item (page * len(runs) + run).
+    With `pages_per_chunk`, `slots` is a whole job and page i sits at staging offset
+    (i % pages_per_chunk) * layout.stride of its chunk's buffer."""
     s = slots.astype(np.int64).reshape(-1, 1)
     starts = np.array([q for q, _ in layout.runs], dtype=np.int64).reshape(1, -1)
     sizes = np.array([k for _, k in layout.runs], dtype=np.int64).reshape(1, -1) * plane_bytes

@@ -184,6 +184,20 @@ def test_runtime_fault_is_a_failed_job_not_a_crash(threads: bool) -> None:
     assert not res.success
 
 
+def test_submit_thread_survives_a_fault_outside_the_copy() -> None:
+    eng, _ = _engine(threads=True)
+    real = eng._run_cpu
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("injected enqueue fault")
+
+    eng._run_cpu = broken  # type: ignore[method-assign]
+    assert not eng.wait(eng.submit_store([[0, 1]], [0]), timeout=10).success
+    eng._run_cpu = real  # type: ignore[method-assign]
+    assert eng.wait(eng.submit_store([[2, 3]], [1]), timeout=10).success  # same thread, alive
+    eng.close()
+
+
 @pytest.mark.parametrize("kind", ["vllm", "vllm_shared", "cross_layer"])
 def test_large_items_roundtrip(kind: str) -> None:
     # 16 KiB rows: the row view picks its widest element and still lands bit-exact
