@@ -35,9 +35,29 @@ def _pair(kind: str, g: KVGeometry, bs: int, nb: int, seed: int):  # type: ignor
     head_size=st.sampled_from([4, 8, 12]),
     split=st.sampled_from([1, 2]),
     seed=st.integers(0, 1000),
+    grain=st.sampled_from([1, 24, 96, 32768]),
     data=st.data(),
 )
 def test_matches_reference(
+    kind: str,
+    dtype: str,
+    layers: int,
+    heads: int,
+    head_size: int,
+    split: int,
+    seed: int,
+    grain: int,
+    data: st.DataObject,
+) -> None:
+    """Also with stores cut into calls of 1, a few, or all of a page's rows (grain)."""
+    import kvtier.transfer.cpu_rows as cpu_rows
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_rows, "_ATEN_GRAIN", grain)
+        _check_reference(kind, dtype, layers, heads, head_size, split, seed, data)
+
+
+def _check_reference(
     kind: str,
     dtype: str,
     layers: int,
@@ -116,6 +136,7 @@ def test_threaded_split_matches_reference(kind: str, monkeypatch: pytest.MonkeyP
     blocks = torch.randperm(40, generator=torch.Generator().manual_seed(5))[:38].view(19, 2)
     slots = torch.tensor([*range(3, 12), 30, 29, 20, *range(33, 40)])  # runs and singles
     rows = RowCopier(dkv, host)
+    monkeypatch.setattr(cpu_rows, "_ATEN_GRAIN", 3 * rows.row_elems)  # 3 rows a call
     rows.store(blocks, slots)
     store_cpu(ref, ref_host, blocks, slots)
     assert torch.equal(pools[0].payloads(), pools[1].payloads())
