@@ -238,10 +238,15 @@ class PackedSender(KVSender):
         clock = time.perf_counter
         try:
             # announce first: the receiver builds its row tables while this side builds its own
+            t_plan = time.monotonic()
             self.agent.send_notif(self.peer.agent, begin)
+            t_sent = time.monotonic()
             rows = PackRows(self.torch_tensors, ps, chunks, src, self.plan.spec.num_blocks,
                             st.buf, self._kernels, self.programs_per_sm)
             ph["prepare"] = time.monotonic() - start
+            # where preparation goes: checks and plan, announcement, row tables
+            ph["prep_plan"], ph["prep_announce"] = t_plan - start, t_sent - t_plan
+            ph["prep_tables"] = start + ph["prepare"] - t_sent
             if self._stream is not None:  # gathers read what the caller's stream wrote (and
                 # the row tables PackRows uploaded on it)
                 self._stream.wait_stream(torch.cuda.current_stream(self.device))

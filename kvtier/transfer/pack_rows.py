@@ -70,6 +70,40 @@ class _Launch(NamedTuple):
     hi: int
 
 
+def _expand(order: Sequence[Piece], planes: Sequence[Plane], ids: Mapping[int, np.ndarray],
+            starts: np.ndarray, elem: int) -> tuple[np.ndarray, np.ndarray]:
+    """(plane offsets, slot offsets) in elements of every row of `order`'s pieces, in order:
+    row i of a piece is block ids[group][lo + i] of its plane, at `at + i * row` in the slot."""
+    if not order:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    groups = sorted(ids)
+    lengths = [len(ids[g]) for g in groups]
+    group_at = dict(zip(groups, np.cumsum([0, *lengths[:-1]]).tolist()))
+    all_ids = np.concatenate([ids[g] for g in groups]).astype(np.int64, copy=False)
+    plane = np.fromiter((c.plane for c in order), np.int64, len(order))
+    lo = np.fromiter((c.lo + group_at[planes[c.plane].group] for c in order), np.int64,
+                     len(order))
+    count = np.fromiter((c.hi - c.lo for c in order), np.int64, len(order))
+    at = np.fromiter((c.at // elem for c in order), np.int64, len(order))
+    row = np.fromiter((p.row_bytes // elem for p in planes), np.int64, len(planes))[plane]
+    first = np.cumsum(count) - count  # table index of each piece's first row
+    within = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(first, count)
+    row_of = np.repeat(row, count)
+    plane_off = np.repeat(starts[plane], count) + all_ids[np.repeat(lo, count) + within] * row_of
+    slot_off = np.repeat(at, count) + within * row_of
+    return plane_off, slot_off
+
+
+def _upload(table: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """`table` on `dev`. On CUDA it goes through pinned memory without blocking the CPU: the
+    copy is ordered on the current stream, before the kernels that read the table, and the
+    pinned block is not reused before the copy has run (torch's host allocator records it)."""
+    host = torch.from_numpy(table)
+    if dev.type != "cuda":
+        return host.to(dev)
+    return host.pin_memory().to(dev, non_blocking=True)
+
+
 class PackRows:
     """One request's row tables. `ids[g]` are the request's block ids of group g on this side
     (CPU ints); `slot_base` is the staging buffer every slot lies in. Immutable once built;
@@ -109,28 +143,26 @@ class PackRows:
         self.base = flat[: flat.numel() // e * e].view(move_dtype(e))
         slots = self.slot_base.view(torch.uint8)
         self.slots = slots[: slots.numel() // e * e].view(move_dtype(e))
-        plane_off: list[np.ndarray] = []
-        slot_off: list[np.ndarray] = []
+        # Table order: per chunk, its pieces by row size (one launch per size). The Python
+        # loop walks pieces only; the rows are expanded in one vectorised pass below, since
+        # building them piece by piece was most of a request's preparation.
+        order: list[Piece] = []
         self.launches: list[list[_Launch]] = []
         n = 0
         for chunk in self.chunks:
             runs: list[_Launch] = []
             for piece in sorted(chunk, key=lambda c: self.planes[c.plane].row_bytes):
-                p = self.planes[piece.plane]
-                row = p.row_bytes // e
-                rows = ids[p.group][piece.lo : piece.hi]
-                plane_off.append(starts[piece.plane] // e + rows * row)
-                slot_off.append(piece.at // e + np.arange(rows.size, dtype=np.int64) * row)
+                row, count = self.planes[piece.plane].row_bytes // e, piece.hi - piece.lo
                 if runs and runs[-1].row == row and runs[-1].hi == n:
-                    runs[-1] = runs[-1]._replace(hi=n + rows.size)
+                    runs[-1] = runs[-1]._replace(hi=n + count)
                 else:
-                    runs.append(_Launch(row, n, n + rows.size))
-                n += rows.size
+                    runs.append(_Launch(row, n, n + count))
+                order.append(piece)
+                n += count
             self.launches.append(runs)
+        plane_off, slot_off = _expand(order, self.planes, ids, np.asarray(starts) // e, e)
         dev = self.slot_base.device
-        empty = np.zeros(0, np.int64)
-        self.plane_off = torch.from_numpy(np.concatenate(plane_off or [empty])).to(dev)
-        self.slot_off = torch.from_numpy(np.concatenate(slot_off or [empty])).to(dev)
+        self.plane_off, self.slot_off = _upload(plane_off, dev), _upload(slot_off, dev)
 
     def gather(self, c: int, slot_at: int) -> None:
         """Copy chunk c's rows from the engine's tensors into the slot at byte `slot_at` of
