@@ -24,21 +24,21 @@ never serves that page); it is logged once per distinct error, never raised from
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
 from kvtier.errors import ConfigError
 from kvtier.memory.host_pool import HostPool
+from kvtier.transfer.copy_job import CopyJob, TransferResult
 from kvtier.transfer.cpu_rows import RowCopier
 from kvtier.transfer.device_kv import DeviceKV
+from kvtier.transfer.gpu_enqueue import GPUEnqueuer
 from kvtier.transfer.gpu_paths import GPUPaths
+from kvtier.transfer.job_args import normalize_job_args
 from kvtier.transfer.staged import make_staged
 from kvtier.transfer.staged_plan import group_layout
 from kvtier.transfer.submit_worker import SubmitWorker
@@ -49,31 +49,6 @@ log = logging.getLogger(__name__)
 
 ENGINE_PATHS = ("auto", "cpu", "torch", "triton", "dma", "staged")
 _CPU_PATHS = ("auto", "cpu", "staged")
-
-
-class TransferResult(NamedTuple):
-    job_id: int
-    op: str
-    success: bool
-    nbytes: int
-    seconds: float
-
-
-@dataclass
-class _Job:
-    job_id: int
-    op: str
-    nbytes: int
-    path: str
-    start: torch.cuda.Event | None = None
-    done: torch.cuda.Event | None = None
-    layer_events: list[torch.cuda.Event] = field(default_factory=list)
-    keep: list[object] = field(default_factory=list)
-    error: str | None = None
-    t0: float = 0.0
-    # set once the job's copies are enqueued (GPU) or done (CPU); at once without submit threads
-    enqueued: threading.Event = field(default_factory=threading.Event)
-    wall: float | None = None  # CPU jobs: seconds the copies took
 
 
 class CopyEngine:
@@ -133,7 +108,7 @@ class CopyEngine:
         self._host = host_planes(host_pool, device_kv)
         self._lock = threading.Lock()
         self._next_id = 1
-        self._pending: dict[int, _Job] = {}
+        self._pending: dict[int, CopyJob] = {}
         self._logged: set[str] = set()
         self._gpu: GPUPaths | None = None
         self._rows = None if self.on_gpu else RowCopier(device_kv, self._host)
@@ -143,10 +118,10 @@ class CopyEngine:
                 ok = p in ("auto", "torch", "staged") or self._gpu.available(p)
                 if p == "cpu" or not ok:
                     raise ConfigError(field_, p, "an available GPU path (triton/dma/torch)")
-            dev = device_kv.device
-            self._store_stream = torch.cuda.Stream(dev)
-            self._load_stream = torch.cuda.Stream(dev)
         self._staged = make_staged(device_kv, host_pool, th.staged, self._gpu)
+        self._enqueuer: GPUEnqueuer | None = None
+        if self._gpu is not None:
+            self._enqueuer = GPUEnqueuer(device_kv, self._gpu, self._staged, self._host, self._fail)
         self._workers: dict[str, SubmitWorker] = {}
         if submit_threads:
             self._workers = {op: SubmitWorker(f"kvtier-{op}") for op in ("store", "load")}
@@ -162,37 +137,13 @@ class CopyEngine:
         runs = [k for gr in groups if gr for _, k in group_layout(gr, plane_bytes).runs]
         return min(runs) * plane_bytes >= st.min_run_bytes
 
-    # -- inputs ------------------------------------------------------------------------------
-    def _normalize(
-        self, blocks: Sequence[Sequence[int]] | torch.Tensor, slots: Sequence[int], write: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.dkv.blocks_per_page
-        slot_t = torch.as_tensor(list(slots) if not isinstance(slots, torch.Tensor) else slots)
-        slot_t = slot_t.to(device="cpu", dtype=torch.int64).reshape(-1)
-        if isinstance(blocks, torch.Tensor):
-            blk = blocks.to(device="cpu", dtype=torch.int64)
-        else:
-            blk = torch.tensor([list(b) for b in blocks], dtype=torch.int64)
-        if blk.numel() != slot_t.numel() * n:
-            raise ValueError(f"{slot_t.numel()} pages need {n} blocks each, got {blk.numel()}")
-        blk = blk.reshape(slot_t.numel(), n)
-        if slot_t.numel():
-            if int(slot_t.min()) < 0 or int(slot_t.max()) >= self.pool.num_slots:
-                raise ValueError(f"slot out of range [0, {self.pool.num_slots})")
-            if int(blk.min()) < 0 or int(blk.max()) >= self.dkv.num_blocks:
-                raise ValueError(f"block out of range [0, {self.dkv.num_blocks})")
-            dup = slot_t if write else blk.reshape(-1)
-            if torch.unique(dup).numel() != dup.numel():
-                raise ValueError("a job must not write the same slot or block twice")
-        return blk, slot_t
-
     # -- submit ------------------------------------------------------------------------------
     def submit_store(
         self, blocks: Sequence[Sequence[int]] | torch.Tensor, slots: Sequence[int]
     ) -> int:
         """Copy the pages made of `blocks` into host slots `slots` (blocks[i] -> slots[i]).
         Returns the job id. Raises ValueError on malformed or out-of-range input."""
-        blk, sl = self._normalize(blocks, slots, write=True)
+        blk, sl = normalize_job_args(blocks, slots, self.dkv, self.pool, write=True)
         planes = list(range(self.dkv.num_planes))
         return self._submit("store", blk, sl, [planes])
 
@@ -205,7 +156,7 @@ class CopyEngine:
     ) -> int:
         """Copy host slots `slots` into the engine blocks `blocks` (slots[i] -> blocks[i]).
         With `layerwise`, layer l completes as its own step (see wait_layer)."""
-        blk, sl = self._normalize(blocks, slots, write=False)
+        blk, sl = normalize_job_args(blocks, slots, self.dkv, self.pool, write=False)
         g = self.dkv.geometry
         if layerwise and (self.on_gpu or self.load_path == "staged"):
             groups = [self.dkv.write_planes(range(lay, lay + 1)) for lay in range(g.num_layers)]
@@ -219,7 +170,7 @@ class CopyEngine:
             self._next_id += 1
             return job_id
 
-    def _fail(self, job: _Job, exc: BaseException) -> None:
+    def _fail(self, job: CopyJob, exc: BaseException) -> None:
         job.error = f"{type(exc).__name__}: {exc}"
         key = f"{job.op}:{job.path}:{type(exc).__name__}"
         if key not in self._logged:
@@ -234,7 +185,7 @@ class CopyEngine:
         if self._gpu is not None and path == "auto":
             staged = self._auto_staged(int(sl.numel()), groups)
             path = "staged" if staged else self._gpu.choose(op, int(sl.numel()))
-        job = _Job(job_id, op, nbytes, path, t0=time.perf_counter())
+        job = CopyJob(job_id, op, nbytes, path, t0=time.perf_counter())
         ready = None
         if self._gpu is not None:  # the copies are ordered after what the caller enqueued so far
             ready = torch.cuda.Event()
@@ -250,7 +201,7 @@ class CopyEngine:
 
     def _run(
         self,
-        job: _Job,
+        job: CopyJob,
         blk: torch.Tensor,
         sl: torch.Tensor,
         groups: list[list[int]],
@@ -260,14 +211,15 @@ class CopyEngine:
             if ready is None:
                 self._run_cpu(job, blk, sl, groups)
             else:
-                self._enqueue_gpu(job, blk, sl, groups, ready)
+                assert self._enqueuer is not None
+                self._enqueuer.enqueue(job, blk, sl, groups, ready)
         except Exception as exc:  # a failed job, never a dead submit thread or a hung wait()
             self._fail(job, exc)
         finally:
             job.enqueued.set()
 
     def _run_cpu(
-        self, job: _Job, blk: torch.Tensor, sl: torch.Tensor, groups: list[list[int]]
+        self, job: CopyJob, blk: torch.Tensor, sl: torch.Tensor, groups: list[list[int]]
     ) -> None:
         t0 = time.perf_counter()
         try:
@@ -284,61 +236,15 @@ class CopyEngine:
             self._fail(job, exc)
         job.wall = time.perf_counter() - t0
 
-    def _enqueue_gpu(
-        self,
-        job: _Job,
-        blk: torch.Tensor,
-        sl: torch.Tensor,
-        groups: list[list[int]],
-        ready: torch.cuda.Event,
-    ) -> None:
-        assert self._gpu is not None
-        stream = self._store_stream if job.op == "store" else self._load_stream
-        dev = self.dkv.device
-        with torch.cuda.device(dev):
-            stream.wait_event(ready)
-            with torch.cuda.stream(stream):
-                job.start = torch.cuda.Event(enable_timing=True)
-                job.start.record(stream)
-                try:
-                    blk_dev = None
-                    if job.path == "staged":  # block ids go to the device once per job
-                        blk_dev = blk.to(dev, non_blocking=True)
-                        job.keep.append(blk_dev)
-                    for planes in groups:
-                        if blk_dev is not None:
-                            job.keep += self._staged.run(job.op, blk, sl, planes, blk_dev)
-                        else:
-                            job.keep += self._gpu.run(job.op, job.path, blk, sl, planes, self._host)
-                        if len(groups) > 1:
-                            ev = torch.cuda.Event()
-                            ev.record(stream)
-                            job.layer_events.append(ev)
-                except Exception as exc:
-                    self._fail(job, exc)
-                job.done = torch.cuda.Event(enable_timing=True)
-                job.done.record(stream)
-
     # -- completion --------------------------------------------------------------------------
-    def _result(self, job: _Job) -> TransferResult:
-        seconds = job.wall if job.wall is not None else time.perf_counter() - job.t0
-        if job.start is not None and job.done is not None:
-            with contextlib.suppress(RuntimeError):
-                seconds = job.start.elapsed_time(job.done) / 1e3
-        return TransferResult(job.job_id, job.op, job.error is None, job.nbytes, seconds)
-
-    @staticmethod
-    def _finished_now(job: _Job) -> bool:
-        return job.enqueued.is_set() and (job.done is None or job.done.query())
-
     def poll(self) -> list[TransferResult]:
         """Jobs finished since the last poll (or wait), each reported once, by job id."""
         with self._lock:
             out = []
             for job_id, job in list(self._pending.items()):
-                if self._finished_now(job):
+                if job.finished_now():
                     del self._pending[job_id]
-                    out.append(self._result(job))
+                    out.append(job.result())
         return sorted(out, key=lambda r: r.job_id)
 
     def wait_layer(self, job_id: int, layer: int) -> None:
@@ -379,7 +285,7 @@ class CopyEngine:
             torch.cuda.current_stream(self.dkv.device).wait_event(job.done)
         with self._lock:
             self._pending.pop(job_id, None)
-        return self._result(job)
+        return job.result()
 
     def close(self) -> None:
         """Wait for every job in flight and stop the submit threads; pending results stay
