@@ -31,7 +31,7 @@ nvidia-smi topo -m >"$OUT/topo.txt" 2>&1 || true
 # for a re-measure of code whose tests already passed here; the bench still checks its bytes)
 status=0
 if [ "${TESTS:-1}" != 0 ]; then
-    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/transfer/test_registration.py \
+    timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/transfer/test_registration.py \
         tests/transfer/test_handshake.py tests/transfer/test_nixl_transport.py tests/transfer/test_nixl_packed.py \
         tests/transfer/test_pack_rows.py 2>&1 \
         | grep -v "NIXL INFO" | tee "$OUT/tests.log" || true

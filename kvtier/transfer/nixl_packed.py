@@ -212,7 +212,8 @@ class PackedReceiver(KVReceiver):
         if len(chunks) != doc["n"]:
             return self._refuse(doc, f"{doc['n']} chunks announced, {len(chunks)} planned")
         rows = PackRows(self.torch_tensors, ps, chunks, doc["ids"], self.plan.spec.num_blocks,
-                        self.staging.buf, self._kernels, self.programs_per_sm)
+                        self.staging.buf, self._kernels, self.programs_per_sm, self._stream)
+        rows.build()  # now, while the sender gathers its first chunk
         # "descriptors": one per chunk; wait() need not build the direct descriptors to count
         note = {"req": req, "fp": doc["fp"], "blocks": {g: v for g, v in doc["ids"].items() if v},
                 "bytes": doc["bytes"], "descriptors": len(chunks)}
@@ -230,7 +231,8 @@ class PackedReceiver(KVReceiver):
         if not (0 <= c < len(job.chunks)) or not (0 <= s < self.staging.slots) or c in job.seen:
             return self._refuse(doc, f"bad chunk {c} / slot {s}")
         job.seen.add(c)
-        if self._stream is not None:  # the tables were uploaded on the current stream
+        if self._stream is not None:  # scatters overwrite blocks: after what the
+            # engine's stream enqueued before
             self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
         with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
             job.rows.scatter(c, s * self.staging.stride)

@@ -234,7 +234,8 @@ class PackedSender(KVSender):
                     events[c] = torch.cuda.Event()
                     events[c].record(self._stream)
 
-        ph = dict.fromkeys(("prepare", "gather", "sync", "post", "slot_wait", "ack_wait"), 0.0)
+        ph = dict.fromkeys(("prepare", "first_gather", "tables_rest", "gather", "sync", "post",
+                            "slot_wait", "ack_wait"), 0.0)
         clock = time.perf_counter
         try:
             # announce first: the receiver builds its row tables while this side builds its own
@@ -242,16 +243,18 @@ class PackedSender(KVSender):
             self.agent.send_notif(self.peer.agent, begin)
             t_sent = time.monotonic()
             rows = PackRows(self.torch_tensors, ps, chunks, src, self.plan.spec.num_blocks,
-                            st.buf, self._kernels, self.programs_per_sm)
+                            st.buf, self._kernels, self.programs_per_sm, self._stream)
             ph["prepare"] = time.monotonic() - start
-            # where preparation goes: checks and plan, announcement, row tables
+            # where preparation goes: checks and plan, announcement
             ph["prep_plan"], ph["prep_announce"] = t_plan - start, t_sent - t_plan
-            ph["prep_tables"] = start + ph["prepare"] - t_sent
-            if self._stream is not None:  # gathers read what the caller's stream wrote (and
-                # the row tables PackRows uploaded on it)
+            if self._stream is not None:  # gathers read what the caller's stream wrote
                 self._stream.wait_stream(torch.cuda.current_stream(self.device))
             if chunks:
-                gather(rows, 0)
+                t0 = clock()
+                gather(rows, 0)  # builds chunk 0's tables only
+                t1 = clock()
+                rows.build()  # the other chunks' tables, while chunk 0 gathers
+                ph["first_gather"], ph["tables_rest"] = t1 - t0, clock() - t1
             for c in range(len(chunks)):
                 t0 = clock()
                 ev = events.pop(c, None)

@@ -104,33 +104,47 @@ def _upload(table: np.ndarray, dev: torch.device) -> torch.Tensor:
     return host.pin_memory().to(dev, non_blocking=True)
 
 
+class _Tables(NamedTuple):
+    """One chunk's row offsets (engine memory, slot) on the device, and its launches."""
+
+    plane_off: torch.Tensor
+    slot_off: torch.Tensor
+    launches: list[_Launch]
+
+
 class PackRows:
     """One request's row tables. `ids[g]` are the request's block ids of group g on this side
-    (CPU ints); `slot_base` is the staging buffer every slot lies in. Immutable once built;
-    gather/scatter enqueue on the current stream and return at once. `programs_per_sm` bounds
-    the grid of gathers and scatters that run beside a write (None: PROGRAMS_PER_SM; at least
-    one program in all)."""
+    (CPU ints); `slot_base` is the staging buffer every slot lies in. A chunk's tables are
+    built and uploaded on `stream` (default: the current stream) the first time it is moved,
+    or ahead by `build()`: the sender builds chunk 0, starts its gather, and builds the rest
+    while it runs. gather/scatter enqueue on the current stream and return at once.
+    `programs_per_sm` bounds the grid of gathers and scatters that run beside a write (None:
+    PROGRAMS_PER_SM; at least one program in all)."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], planes: Sequence[Plane],
                  chunks: Sequence[Sequence[Piece]], ids: Mapping[int, Sequence[int]],
                  num_blocks: int, slot_base: torch.Tensor,
                  kernels: ModuleType | None = None,
-                 programs_per_sm: float | None = None) -> None:
+                 programs_per_sm: float | None = None,
+                 stream: torch.cuda.Stream | None = None) -> None:
         self.tensors, self.planes, self.chunks = tensors, list(planes), chunks
         self.num_blocks = num_blocks
         self.programs_per_sm = programs_per_sm or PROGRAMS_PER_SM
         self.slot_base = slot_base
         self.kernels = kernels
+        self.stream = stream
         dev = slot_base.device
         self.sms = torch.cuda.get_device_properties(dev).multi_processor_count \
             if dev.type == "cuda" else 1
         if kernels is not None:
-            self._build_tables({g: np.asarray(v, dtype=np.int64) for g, v in ids.items()})
+            self._layout()
+            self._ids = {g: np.asarray(v, dtype=np.int64) for g, v in ids.items()}
+            self._tables: list[_Tables | None] = [None] * len(chunks)
         else:
             self.ids = {g: torch.tensor(list(v), dtype=torch.long, device=dev)
                         for g, v in ids.items()}
 
-    def _build_tables(self, ids: Mapping[int, np.ndarray]) -> None:
+    def _layout(self) -> None:
         # Offsets are counted from the lowest engine tensor, so none is negative (the Triton
         # interpreter adds them to unsigned addresses).
         first = min(self.tensors.values(), key=lambda t: int(t.data_ptr()))
@@ -139,30 +153,42 @@ class PackRows:
         vals = [*starts, *(p.row_bytes for p in self.planes), base, self.slot_base.data_ptr()]
         e = widest_divisor(vals)
         self.elem, self.align = e, max(1, widest_divisor(vals, (16, 8, 4, 2)) // e)
+        self._starts = np.asarray(starts, dtype=np.int64) // e
         flat = first.reshape(-1).view(torch.uint8)
         self.base = flat[: flat.numel() // e * e].view(move_dtype(e))
         slots = self.slot_base.view(torch.uint8)
         self.slots = slots[: slots.numel() // e * e].view(move_dtype(e))
-        # Table order: per chunk, its pieces by row size (one launch per size). The Python
-        # loop walks pieces only; the rows are expanded in one vectorised pass below, since
-        # building them piece by piece was most of a request's preparation.
+
+    def build(self) -> None:
+        """Build and upload the tables of every chunk not built yet."""
+        if self.kernels is not None:
+            for c in range(len(self.chunks)):
+                self._chunk_tables(c)
+
+    def _chunk_tables(self, c: int) -> _Tables:
+        built = self._tables[c]
+        if built is not None:
+            return built
+        # Table order: the chunk's pieces by row size (one launch per size). The Python loop
+        # walks pieces only; their rows are expanded in one vectorised pass.
+        e, n = self.elem, 0
         order: list[Piece] = []
-        self.launches: list[list[_Launch]] = []
-        n = 0
-        for chunk in self.chunks:
-            runs: list[_Launch] = []
-            for piece in sorted(chunk, key=lambda c: self.planes[c.plane].row_bytes):
-                row, count = self.planes[piece.plane].row_bytes // e, piece.hi - piece.lo
-                if runs and runs[-1].row == row and runs[-1].hi == n:
-                    runs[-1] = runs[-1]._replace(hi=n + count)
-                else:
-                    runs.append(_Launch(row, n, n + count))
-                order.append(piece)
-                n += count
-            self.launches.append(runs)
-        plane_off, slot_off = _expand(order, self.planes, ids, np.asarray(starts) // e, e)
+        runs: list[_Launch] = []
+        for piece in sorted(self.chunks[c], key=lambda x: self.planes[x.plane].row_bytes):
+            row, count = self.planes[piece.plane].row_bytes // e, piece.hi - piece.lo
+            if runs and runs[-1].row == row and runs[-1].hi == n:
+                runs[-1] = runs[-1]._replace(hi=n + count)
+            else:
+                runs.append(_Launch(row, n, n + count))
+            order.append(piece)
+            n += count
+        plane_off, slot_off = _expand(order, self.planes, self._ids, self._starts, e)
         dev = self.slot_base.device
-        self.plane_off, self.slot_off = _upload(plane_off, dev), _upload(slot_off, dev)
+        with torch.cuda.stream(self.stream) if self.stream is not None \
+                else contextlib.nullcontext():
+            built = _Tables(_upload(plane_off, dev), _upload(slot_off, dev), runs)
+        self._tables[c] = built
+        return built
 
     def gather(self, c: int, slot_at: int) -> None:
         """Copy chunk c's rows from the engine's tensors into the slot at byte `slot_at` of
@@ -181,22 +207,23 @@ class PackRows:
 
     def _launch(self, c: int, slot_at: int, to_slot: bool, programs: float | None) -> None:
         assert self.kernels is not None
+        tables = self._chunk_tables(c)
         shift = slot_at // self.elem
         if self.slot_base.device.type == "cuda":  # the tables live until this stream is done
             stream = torch.cuda.current_stream(self.slot_base.device)
-            self.plane_off.record_stream(stream)
-            self.slot_off.record_stream(stream)
+            tables.plane_off.record_stream(stream)
+            tables.slot_off.record_stream(stream)
         dev = self.slot_base.device
         with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-            self._launch_runs(c, shift, to_slot, programs or self.programs_per_sm)
+            self._launch_runs(tables, shift, to_slot, programs or self.programs_per_sm)
 
-    def _launch_runs(self, c: int, shift: int, to_slot: bool, programs: float) -> None:
+    def _launch_runs(self, tables: _Tables, shift: int, to_slot: bool, programs: float) -> None:
         assert self.kernels is not None
-        for run in self.launches[c]:
+        for run in tables.launches:
             block = min(_BLOCK_BYTES // self.elem, 1 << (run.row - 1).bit_length())
             tiles = (run.hi - run.lo) * -(-run.row // block)
             grid = (max(1, min(tiles, int(self.sms * programs))),)
-            po, so = self.plane_off[run.lo : run.hi], self.slot_off[run.lo : run.hi]
+            po, so = tables.plane_off[run.lo : run.hi], tables.slot_off[run.lo : run.hi]
             if to_slot:
                 args = (self.base, self.slots, po, so, 0, shift)
             else:

@@ -30,11 +30,12 @@ def _kernel_gather(rows: PackRows, c: int) -> bytes:
     """Chunk c gathered by following the tables, as copy_rows_kernel does."""
     base = min(int(t.data_ptr()) for t in rows.tensors.values())
     e = rows.elem
-    out = bytearray(sum((r.hi - r.lo) * r.row for r in rows.launches[c]) * e)
-    for run in rows.launches[c]:
+    tables = rows._chunk_tables(c)
+    out = bytearray(sum((r.hi - r.lo) * r.row for r in tables.launches) * e)
+    for run in tables.launches:
         for k in range(run.lo, run.hi):
-            src = base + int(rows.plane_off[k]) * e
-            at = int(rows.slot_off[k]) * e
+            src = base + int(tables.plane_off[k]) * e
+            at = int(tables.slot_off[k]) * e
             out[at : at + run.row * e] = ctypes.string_at(src, run.row * e)
     return bytes(out)
 
@@ -65,6 +66,8 @@ def test_tables_gather_what_torch_gathers(
     tables = PackRows(tensors, ps, chunks, ids, nb, buf, kernels=object())  # type: ignore[arg-type]
     plain = PackRows(tensors, ps, chunks, ids, nb, buf)
     view = buf.view(torch.uint8)
+    if data.draw(st.booleans()):  # all tables ahead, else each chunk's when it is read
+        tables.build()
     for c, chunk in enumerate(chunks):
         view.zero_()
         plain.gather(c, 0)
