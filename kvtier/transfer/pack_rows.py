@@ -3,9 +3,9 @@
 A chunk (kvtier.transfer.pack_plan) is a list of pieces, "rows ids[lo:hi] of plane p at byte
 `at` of the slot". Launching one index_select / index_copy_ per piece cost 0.15-0.3 ms of CPU
 per chunk on 2x H200 (bench/results/pd-h200x2-2026-11-22-run3.md, run 5), and index_copy_ into
-scattered rows was the slowest step of a request. `PackRows` turns a request's pieces into two
-int64 tables per chunk (row offsets in the engine's memory, row offsets in the slot), uploads
-them once per request, and moves a chunk with one launch of
+scattered rows was the slowest step of a request. `PackRows` turns each chunk's pieces into two
+int64 tables (row offsets in the engine's memory, row offsets in the slot), built and uploaded
+once, before the chunk first moves, and moves a chunk with one launch of
 kvtier.transfer.triton_kernels.copy_rows_kernel per row size (one for most models).
 
 Without Triton (or on a CPU without the interpreter) the same methods fall back to the
