@@ -81,10 +81,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def _commit() -> str:
-    return provenance.commit()
-
-
 def _meta(g: KVGeometry, name: str, pages: int) -> dict[str, Any]:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
     return {
@@ -98,7 +94,7 @@ def _meta(g: KVGeometry, name: str, pages: int) -> dict[str, Any]:
         "machine": platform.node(),
         "torch": torch.__version__,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": provenance.commit(),
     }
 
 

@@ -101,9 +101,8 @@ class RowCopier:
         sl = slots.numpy().reshape(-1)
         ids = torch.from_numpy(self._row_ids(blk, np.arange(self.dkv.num_planes)))
         want = (ids.shape[1], self.row_elems)
-        for s in sl.tolist():  # index_select would resize a wrong `out`, not fail
-            if tuple(self.host[s].shape) != want:
-                raise RuntimeError(f"host slot view {tuple(self.host[s].shape)} holds no {want}")
+        if tuple(self.host.shape[1:]) != want:  # index_select would resize a wrong `out`
+            raise RuntimeError(f"host slot view {tuple(self.host.shape[1:])} holds no {want}")
 
         rows = int(ids.shape[1])
         step = max(1, _ATEN_GRAIN // self.row_elems)

@@ -15,6 +15,7 @@ per-piece torch indexing, which the tests compare with the kernel bit for bit.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Mapping, Sequence
 from types import ModuleType
@@ -63,32 +64,27 @@ def kernels_for(device: torch.device) -> ModuleType | None:
 
 
 class _Launch(NamedTuple):
-    """Rows [lo, hi) of the request tables, all `row` elements long."""
+    """Rows [lo, hi) of a chunk's tables, all `row` elements long."""
 
     row: int
     lo: int
     hi: int
 
 
-def _expand(order: Sequence[Piece], planes: Sequence[Plane], ids: Mapping[int, np.ndarray],
-            starts: np.ndarray, elem: int) -> tuple[np.ndarray, np.ndarray]:
+def _expand(order: Sequence[Piece], all_ids: np.ndarray, id_at: np.ndarray,
+            starts: np.ndarray, row: np.ndarray, elem: int) -> tuple[np.ndarray, np.ndarray]:
     """(plane offsets, slot offsets) in elements of every row of `order`'s pieces, in order:
-    row i of a piece is block ids[group][lo + i] of its plane, at `at + i * row` in the slot."""
+    row i of a piece is block all_ids[id_at[plane] + lo + i] of its plane (`starts`, `row`:
+    per plane, in elements), at `at + i * row` in the slot."""
     if not order:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    groups = sorted(ids)
-    lengths = [len(ids[g]) for g in groups]
-    group_at = dict(zip(groups, np.cumsum([0, *lengths[:-1]]).tolist()))
-    all_ids = np.concatenate([ids[g] for g in groups]).astype(np.int64, copy=False)
     plane = np.fromiter((c.plane for c in order), np.int64, len(order))
-    lo = np.fromiter((c.lo + group_at[planes[c.plane].group] for c in order), np.int64,
-                     len(order))
+    lo = np.fromiter((c.lo for c in order), np.int64, len(order)) + id_at[plane]
     count = np.fromiter((c.hi - c.lo for c in order), np.int64, len(order))
     at = np.fromiter((c.at // elem for c in order), np.int64, len(order))
-    row = np.fromiter((p.row_bytes // elem for p in planes), np.int64, len(planes))[plane]
     first = np.cumsum(count) - count  # table index of each piece's first row
     within = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(first, count)
-    row_of = np.repeat(row, count)
+    row_of = np.repeat(row[plane], count)
     plane_off = np.repeat(starts[plane], count) + all_ids[np.repeat(lo, count) + within] * row_of
     slot_off = np.repeat(at, count) + within * row_of
     return plane_off, slot_off
@@ -116,8 +112,9 @@ class PackRows:
     """One request's row tables. `ids[g]` are the request's block ids of group g on this side
     (CPU ints); `slot_base` is the staging buffer every slot lies in. A chunk's tables are
     built and uploaded on `stream` (default: the current stream) the first time it is moved,
-    or ahead by `build()`: the sender builds chunk 0, starts its gather, and builds the rest
-    while it runs. gather/scatter enqueue on the current stream and return at once.
+    or ahead by `build()` (the receiver builds them all when a request is announced; the
+    sender builds each just before its gather). gather/scatter enqueue on the current stream
+    and return at once.
     `programs_per_sm` bounds the grid of gathers and scatters that run beside a write (None:
     PROGRAMS_PER_SM; at least one program in all)."""
 
@@ -138,7 +135,12 @@ class PackRows:
             if dev.type == "cuda" else 1
         if kernels is not None:
             self._layout()
-            self._ids = {g: np.asarray(v, dtype=np.int64) for g, v in ids.items()}
+            # every group's ids in one array; id_at[p]: where plane p's group starts in it
+            groups = sorted(ids)
+            self._all_ids = np.asarray([b for g in groups for b in ids[g]], dtype=np.int64)
+            at = dict(zip(groups, itertools.accumulate((len(ids[g]) for g in groups),
+                                                       initial=0)))
+            self._id_at = np.asarray([at.get(p.group, 0) for p in self.planes], dtype=np.int64)
             self._tables: list[_Tables | None] = [None] * len(chunks)
         else:
             self.ids = {g: torch.tensor(list(v), dtype=torch.long, device=dev)
@@ -154,6 +156,7 @@ class PackRows:
         e = widest_divisor(vals)
         self.elem, self.align = e, max(1, widest_divisor(vals, (16, 8, 4, 2)) // e)
         self._starts = np.asarray(starts, dtype=np.int64) // e
+        self._row = np.asarray([p.row_bytes // e for p in self.planes], dtype=np.int64)
         flat = first.reshape(-1).view(torch.uint8)
         self.base = flat[: flat.numel() // e * e].view(move_dtype(e))
         slots = self.slot_base.view(torch.uint8)
@@ -171,18 +174,18 @@ class PackRows:
             return built
         # Table order: the chunk's pieces by row size (one launch per size). The Python loop
         # walks pieces only; their rows are expanded in one vectorised pass.
-        e, n = self.elem, 0
-        order: list[Piece] = []
+        order = sorted(self.chunks[c], key=lambda x: self.planes[x.plane].row_bytes)
         runs: list[_Launch] = []
-        for piece in sorted(self.chunks[c], key=lambda x: self.planes[x.plane].row_bytes):
-            row, count = self.planes[piece.plane].row_bytes // e, piece.hi - piece.lo
-            if runs and runs[-1].row == row and runs[-1].hi == n:
+        n = 0
+        for piece in order:
+            row, count = int(self._row[piece.plane]), piece.hi - piece.lo
+            if runs and runs[-1].row == row:  # rows of one size: one launch
                 runs[-1] = runs[-1]._replace(hi=n + count)
             else:
                 runs.append(_Launch(row, n, n + count))
-            order.append(piece)
             n += count
-        plane_off, slot_off = _expand(order, self.planes, self._ids, self._starts, e)
+        plane_off, slot_off = _expand(order, self._all_ids, self._id_at, self._starts,
+                                      self._row, self.elem)
         dev = self.slot_base.device
         with torch.cuda.stream(self.stream) if self.stream is not None \
                 else contextlib.nullcontext():

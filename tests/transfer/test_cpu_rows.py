@@ -54,43 +54,30 @@ def test_matches_reference(
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cpu_rows, "_ATEN_GRAIN", grain)
-        _check_reference(kind, dtype, layers, heads, head_size, split, seed, data)
-
-
-def _check_reference(
-    kind: str,
-    dtype: str,
-    layers: int,
-    heads: int,
-    head_size: int,
-    split: int,
-    seed: int,
-    data: st.DataObject,
-) -> None:
-    mla = kind in MLA_ADAPTERS
-    page = 4 if kind.startswith("sglang") else 4 * split
-    bs = page if kind.startswith("sglang") else 4
-    g = KVGeometry(layers, 1 if mla else heads, head_size, page, dtype, mla=mla)
-    nb = 12
-    dkv, ref, host, ref_host, pools = _pair(kind, g, bs, nb, seed)
-    n = dkv.blocks_per_page
-    pages = data.draw(st.integers(0, nb // n))
-    perm = torch.randperm(nb, generator=torch.Generator().manual_seed(seed))
-    blocks = perm[: pages * n].view(pages, n)
-    slots = torch.tensor(data.draw(st.permutations(range(nb)))[:pages], dtype=torch.int64)
-    rows = RowCopier(dkv, host)
-    rows.store(blocks, slots)
-    store_cpu(ref, ref_host, blocks, slots)
-    assert torch.equal(pools[0].payloads(), pools[1].payloads())
-    # load into other blocks, optionally one layer only
-    back = torch.roll(perm, 3)[: pages * n].view(pages, n)
-    planes = None
-    if data.draw(st.booleans()):
-        planes = dkv.write_planes(range(layers - 1, layers))
-    rows.load(slots, back, planes)
-    load_cpu(ref, ref_host, slots, back, planes)
-    for a, b in zip(dkv.planes, ref.planes):
-        assert torch.equal(a, b)
+        mla = kind in MLA_ADAPTERS
+        page = 4 if kind.startswith("sglang") else 4 * split
+        bs = page if kind.startswith("sglang") else 4
+        g = KVGeometry(layers, 1 if mla else heads, head_size, page, dtype, mla=mla)
+        nb = 12
+        dkv, ref, host, ref_host, pools = _pair(kind, g, bs, nb, seed)
+        n = dkv.blocks_per_page
+        pages = data.draw(st.integers(0, nb // n))
+        perm = torch.randperm(nb, generator=torch.Generator().manual_seed(seed))
+        blocks = perm[: pages * n].view(pages, n)
+        slots = torch.tensor(data.draw(st.permutations(range(nb)))[:pages], dtype=torch.int64)
+        rows = RowCopier(dkv, host)
+        rows.store(blocks, slots)
+        store_cpu(ref, ref_host, blocks, slots)
+        assert torch.equal(pools[0].payloads(), pools[1].payloads())
+        # load into other blocks, optionally one layer only
+        back = torch.roll(perm, 3)[: pages * n].view(pages, n)
+        planes = None
+        if data.draw(st.booleans()):
+            planes = dkv.write_planes(range(layers - 1, layers))
+        rows.load(slots, back, planes)
+        load_cpu(ref, ref_host, slots, back, planes)
+        for a, b in zip(dkv.planes, ref.planes):
+            assert torch.equal(a, b)
 
 
 def test_load_touches_only_its_rows() -> None:
