@@ -20,6 +20,7 @@ typecheck:
 # Suites that need triton (SGLang, Triton's CPU interpreter) run apart, with the side folder on
 # their path: triton must never be importable next to vLLM on a CPU machine.
 SIDECAR_TESTS = tests/transfer/test_transfer_triton_interp.py tests/transfer/test_pack_rows.py \
+	tests/transfer/test_peer_rows.py \
 	tests/integrations/test_sglang_storage.py
 unit:
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS) $(addprefix --ignore=,$(SIDECAR_TESTS))

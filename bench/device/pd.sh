@@ -33,7 +33,8 @@ status=0
 if [ "${TESTS:-1}" != 0 ]; then
     timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/transfer/test_registration.py \
         tests/transfer/test_handshake.py tests/transfer/test_nixl_transport.py tests/transfer/test_nixl_packed.py \
-        tests/transfer/test_pack_rows.py 2>&1 \
+        tests/transfer/test_pack_rows.py tests/transfer/test_peer_rows.py \
+        tests/transfer/test_nixl_ipc.py 2>&1 \
         | grep -v "NIXL INFO" | tee "$OUT/tests.log" || true
     # a test failure fails the script at the end; the bench still runs (it verifies its own bytes)
     if ! grep -q " passed" "$OUT/tests.log" || grep -q -E "[0-9]+ (failed|error)" "$OUT/tests.log"
@@ -66,7 +67,7 @@ for v in $VARIANTS; do
         base-32k) run_bench base-32k 32768 200 64 "" ;;
         s128-8k) run_bench s128-8k 8192 110 128 "" ;;
         s32-8k) run_bench s32-8k 8192 80 32 "" ;;
-        s256-8k) run_bench s256-8k 8192 110 256 "" ;;
+        s256-8k) run_bench s256-8k 8192 150 256 "" ;;
         s256-8k-p*) p=${v#s256-8k-p}; run_bench "$v" 8192 60 256 \
             "--modes request,packed --pack-programs ${p/_/.}" ;;
         sgl-8k) run_bench sgl-8k 8192 80 64 "" NIXL_UCX_SGL_ENABLE=1 ;;

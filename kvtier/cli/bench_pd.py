@@ -6,8 +6,10 @@ request's blocks `--repeat` times and reports the best bandwidth next to the cei
 the same run: a local memcpy of the same bytes on CPU, a GPU0 -> GPU1 peer copy on GPUs. Block
 tables: `contiguous` (one descriptor per tensor), `runs` (runs of about 16 blocks in random
 order, as a free list hands them out) and `scattered` (random single blocks, the worst case).
-Modes: `request` (send(): descriptors prepared and released per request) and `transfer` (handles
-prepared once and posted per request, optionally split into parts in flight). Before each row
+Modes: `request` (send(): descriptors prepared and released per request), `transfer`
+(handles prepared once and posted per request, optionally split into parts in flight),
+`packed` (staging slots) and, on GPUs, `ipc` (the receiver's memory mapped through CUDA IPC,
+one copy kernel). Before each row
 the receiver poisons its destination blocks; after it, it hashes them and the sender compares
 with its source blocks: a wrong byte fails the run.
 """
@@ -48,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="packed mode: staging slot size (4 slots per side)")
     parser.add_argument("--pack-programs", type=float, default=0.0,
                         help="packed mode: gather/scatter programs per SM (0: kvtier's default)")
-    parser.add_argument("--modes", default="request,transfer,packed,packed-ramp",
+    parser.add_argument("--modes", default="ipc,request,transfer,packed,packed-ramp",
                         help="comma-separated modes to measure")
     parser.add_argument("--save", metavar="DIR", help="write pd-<device>-<date>.json/.md here")
 
@@ -235,7 +237,9 @@ def _round(tx: Any, q: Any, out: Any, name: str, mode: str, parts: int, repeat: 
     request, as an engine does for a fixed block table; the time runs from post to done;
     mode "packed": send_packed() per request (gather, one descriptor per staging slot,
     scatter), timed until the receiver has scattered the last chunk; "packed-ramp": the same
-    with chunks ramped from slot / 8 (kvtier.transfer.pack_plan).
+    with chunks ramped from slot / 8 (kvtier.transfer.pack_plan); mode "ipc": send_ipc() per
+    request (one kernel into the receiver's memory mapped through CUDA IPC), timed until the
+    completion notification is sent.
     """
     ids = [f"{name}-{mode}-{parts}-{i}" for i in range(repeat + 1)]
     q.put(("case", name, ids, dst))
@@ -244,6 +248,8 @@ def _round(tx: Any, q: Any, out: Any, name: str, mode: str, parts: int, repeat: 
     times: list[float] = []
     if mode == "request":
         reports = [tx.send(rid, {0: src}, {0: dst}) for rid in ids]
+    elif mode == "ipc":
+        reports = [tx.send_ipc(rid, {0: src}, {0: dst}) for rid in ids]
     elif mode.startswith("packed"):
         reports, phases, timelines = [], [], []
         ramp, tx.ramp = tx.ramp, (8 if mode == "packed-ramp" else 0)
@@ -284,7 +290,7 @@ def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[i
             ) -> dict[str, Any]:
     """All rows; each row is appended to `rows_file` (JSON lines) as soon as it is measured,
     and a failing row ends the run with an "error" row, keeping those before it."""
-    from kvtier.transfer.nixl_packed_send import PackedSender
+    from kvtier.transfer.nixl_ipc import IpcSender
 
     spec, blocks = bench_spec(geometry, tokens)
     src_dev, dst_dev = ("cpu", "cpu") if device == "cpu" else ("cuda:0", "cuda:1")
@@ -320,10 +326,13 @@ def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[i
     try:
         host, port = q.get(timeout=300)
         tensors = _alloc(spec, src_dev, None)
-        with PackedSender(spec, tensors, FP, slots=4, programs_per_sm=programs or None,
-                          timeout=120, backend_params=_params(workers)) as tx:
+        with IpcSender(spec, tensors, FP, slots=4, programs_per_sm=programs or None,
+                       timeout=120, backend_params=_params(workers)) as tx:
             tx.connect(host, port)
-            plan = [(m, p) for m in modes for p in (parts if m == "transfer" else (1,))]
+            if "ipc" in modes and tx.peer_rows is None:  # CPU, or no peer access
+                print(f"pd: no ipc rows: {tx.ipc_unused}", file=sys.stderr, flush=True)
+            plan = [(m, p) for m in modes for p in (parts if m == "transfer" else (1,))
+                    if m != "ipc" or tx.peer_rows is not None]
             for name, (src, dst) in _cases(blocks).items():
                 expect = _digest(spec, tensors, src)
                 for mode, p in plan:

@@ -162,11 +162,15 @@ class PeerInfo:
 
 
 def notification(request_id: str, fingerprint: bytes, blocks: dict[int, list[int]],
-                 nbytes: int) -> bytes:
-    """The completion message a sender attaches to a transfer."""
-    return json.dumps({"v": VERSION, "req": request_id, "fp": fingerprint.hex(),
-                       "blocks": {str(g): ids for g, ids in blocks.items()}, "bytes": nbytes},
-                      separators=(",", ":")).encode()
+                 nbytes: int, descriptors: int | None = None) -> bytes:
+    """The completion message a sender attaches to a transfer. `descriptors`: how many the
+    sender used, for a path whose count the receiver cannot derive from its block runs (an
+    IPC copy uses none); without it the receiver counts its own runs."""
+    doc = {"v": VERSION, "req": request_id, "fp": fingerprint.hex(),
+           "blocks": {str(g): ids for g, ids in blocks.items()}, "bytes": nbytes}
+    if descriptors is not None:
+        doc["descriptors"] = descriptors
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def parse_notification(msg: bytes) -> dict[str, Any] | None:
@@ -178,7 +182,10 @@ def parse_notification(msg: bytes) -> dict[str, Any] | None:
         blocks = {int(g): [int(b) for b in ids] for g, ids in doc["blocks"].items()}
         if doc["v"] != VERSION or not isinstance(doc["req"], str):
             return None
-        return {"req": doc["req"], "fp": bytes.fromhex(doc["fp"]), "blocks": blocks,
+        note = {"req": doc["req"], "fp": bytes.fromhex(doc["fp"]), "blocks": blocks,
                 "bytes": int(doc["bytes"])}
+        if "descriptors" in doc:
+            note["descriptors"] = int(doc["descriptors"])
+        return note
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         return None

@@ -25,6 +25,7 @@ import numpy as np
 
 from kvtier.errors import ConfigError
 from kvtier.geometry.groups import KVCacheSpec
+from kvtier.transfer.cuda_ipc import offer
 from kvtier.transfer.handshake import (
     ACCEPT,
     HELLO,
@@ -59,8 +60,11 @@ class KVReceiver(NixlEndpoint):
     """The decode side: accepts one prefill peer and waits for its blocks."""
 
     def __init__(self, spec: KVCacheSpec, tensors: Mapping[str, TensorMemory],
-                 fingerprint: bytes, **kwargs: Any) -> None:
+                 fingerprint: bytes, *, ipc: bool = True, **kwargs: Any) -> None:
         super().__init__("decode", spec, tensors, fingerprint, **kwargs)
+        # GPU memory is offered for CUDA IPC too: a sender on this host maps it and writes
+        # the blocks with its own kernel (kvtier.transfer.nixl_ipc); others ignore the offer
+        self._ipc_offer = offer(self.plan.regions) if ipc and self.mem_type == "VRAM" else None
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._pending: dict[str, dict[str, Any]] = {}
         self.rejected = 0
@@ -103,6 +107,12 @@ class KVReceiver(NixlEndpoint):
         self.sock = conn
         assert self.peer is not None
         return self.peer.agent
+
+    def _info_doc(self) -> dict[str, Any]:
+        doc = super()._info_doc()
+        if self._ipc_offer is not None:
+            doc["ipc"] = self._ipc_offer
+        return doc
 
     def close(self) -> None:
         self._listener.close()

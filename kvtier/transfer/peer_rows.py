@@ -1,0 +1,138 @@
+"""A request's rows copied by this GPU's threads straight into a peer's KV tensors.
+
+The peer's tensors are mapped into this process (kvtier.transfer.cuda_ipc); one launch of
+kvtier.transfer.triton_kernels.copy_plane_rows_kernel per row size copies every plane's rows,
+reading block ids from two small tables. Writing from the SMs over NVLink ran at 0.93-0.94 of a
+copy-engine peer copy on 2x H200 for contiguous and for scattered 32 KiB rows alike, where the
+packed path (gather, one NIXL write per staging slot, scatter) reached 0.51-0.57 of it and a
+direct NIXL write of 32 MiB descriptors 0.59-0.82 (bench/results/pd-h200x2-2026-11-22-run12.md).
+
+`copy_rows_torch` does the same copy with torch indexing between torch tensors: the reference
+the tests compare the kernel with, bit for bit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Mapping, Sequence
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from kvtier.geometry.groups import KVCacheSpec
+from kvtier.transfer.pack_plan import Plane, planes
+from kvtier.transfer.pack_rows import plane_rows, upload, widest
+from kvtier.transfer.torch_path import move_dtype, widest_divisor
+
+# Programs per SM and elements per step: the best of 1-16 programs and 4-16 KiB steps on
+# 2x H200 (4 and 8 KiB: 366-367 GB/s against 356-365 elsewhere).
+PROGRAMS_PER_SM = 4
+_BLOCK_BYTES = 8192
+
+
+class DevicePointer(NamedTuple):
+    """A raw device address Triton accepts as a pointer argument (it reads data_ptr()/dtype):
+    peer memory mapped through CUDA IPC has no torch tensor."""
+
+    address: int
+    dtype: torch.dtype
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
+def _host_view(address: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+    """CPU memory at `address` as a tensor (Triton's interpreter needs tensors)."""
+    raw = (ctypes.c_ubyte * nbytes).from_address(address)
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype)
+
+
+class PeerRows:
+    """Copies requests' rows from `src` (this side's tensors) into the tensors at addresses
+    `dst` (the peer's, mapped here; same spec, so same names and sizes). `copy` enqueues on the
+    current stream of src's device and returns at once; the caller orders it after the stream
+    that wrote the KV and waits for it before telling the peer."""
+
+    def __init__(self, spec: KVCacheSpec, src: Mapping[str, torch.Tensor],
+                 dst: Mapping[str, int], kernels: ModuleType,
+                 programs_per_sm: float | None = None) -> None:
+        self.spec, self.kernels = spec, kernels
+        self.programs = programs_per_sm or PROGRAMS_PER_SM
+        self.device = next(iter(src.values())).device
+        self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
+            if self.device.type == "cuda" else 1
+        sizes = {t.name: t.size_bytes for t in spec.tensors}
+        self._src_addr = {k: int(v.data_ptr()) for k, v in src.items()}
+        self._dst_addr = dict(dst)
+        self._src_min, self._dst_min = min(self._src_addr.values()), min(self._dst_addr.values())
+        vals = [*self._src_addr.values(), *self._dst_addr.values(),
+                *(p.row_bytes for p in planes(spec, dict.fromkeys(range(len(spec.groups)), 1)))]
+        e = widest_divisor(vals)
+        self.elem, self.align = e, max(1, widest_divisor(vals, (16, 8, 4, 2)) // e)
+        dtype = move_dtype(e)
+        first = min(src.values(), key=lambda t: int(t.data_ptr())).reshape(-1).view(torch.uint8)
+        self.src_base = first[: first.numel() // e * e].view(dtype)
+        span = max(a + sizes[k] for k, a in self._dst_addr.items()) - self._dst_min
+        self.dst_base: Any = DevicePointer(self._dst_min, dtype) if self.device.type == "cuda" \
+            else _host_view(self._dst_min, span // e * e, dtype)
+
+    def copy(self, src_ids: Mapping[int, Sequence[int]],
+             dst_ids: Mapping[int, Sequence[int]]) -> int:
+        """Enqueue the copy of blocks src_ids[g] into the peer's dst_ids[g] (checked by the
+        caller: same groups, same counts, in range); return the bytes it moves."""
+        counts = {g: len(v) for g, v in src_ids.items() if len(v)}
+        groups = sorted(counts)
+        at = dict(zip(groups, np.cumsum([0] + [counts[g] for g in groups]).tolist()))
+        s_ids = np.asarray([b for g in groups for b in src_ids[g]], dtype=np.int64)
+        d_ids = np.asarray([b for g in groups for b in dst_ids[g]], dtype=np.int64)
+        by_row: dict[int, list[tuple[int, int, int, int]]] = {}
+        nbytes = 0
+        for p in planes(self.spec, counts):
+            row = p.row_bytes // self.elem
+            by_row.setdefault(row, []).append((
+                (self._src_addr[p.tensor] + p.offset - self._src_min) // self.elem,
+                (self._dst_addr[p.tensor] + p.offset - self._dst_min) // self.elem,
+                at[p.group], counts[p.group]))
+            nbytes += p.row_bytes * counts[p.group]
+        if not by_row:
+            return 0
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        ids = [upload(s_ids, self.device), upload(d_ids, self.device)]
+        for row, table in sorted(by_row.items()):
+            tab = upload(np.asarray(table, dtype=np.int64).reshape(-1), self.device)
+            if stream is not None:  # the tables live until the stream has run the copy
+                for t in (tab, *ids):
+                    t.record_stream(stream)
+            block = min(_BLOCK_BYTES // self.elem, 1 << (row - 1).bit_length())
+            max_rows = max(n for *_, n in table)
+            tiles = len(table) * max_rows * -(-row // block)
+            grid = (max(1, min(tiles, int(self.sms * self.programs))),)
+            self.kernels.copy_plane_rows_kernel[grid](
+                self.src_base, self.dst_base, tab, ids[0], ids[1], len(table), max_rows,
+                ROW=row, BLOCK=block, ALIGN=self.align, num_warps=4)
+        return nbytes
+
+
+def copy_rows_torch(spec: KVCacheSpec, src: Mapping[str, torch.Tensor],
+                    dst: Mapping[str, torch.Tensor], src_ids: Mapping[int, Sequence[int]],
+                    dst_ids: Mapping[int, Sequence[int]]) -> int:
+    """The same copy between torch tensors with index_select / index_copy_ per plane."""
+    counts = {g: len(v) for g, v in src_ids.items() if len(v)}
+    nbytes = 0
+    for p in planes(spec, counts):
+        nbytes += _plane_copy(spec, p, src, dst, src_ids[p.group], dst_ids[p.group])
+    return nbytes
+
+
+def _plane_copy(spec: KVCacheSpec, p: Plane, src: Mapping[str, torch.Tensor],
+                dst: Mapping[str, torch.Tensor], s: Sequence[int], d: Sequence[int]) -> int:
+    a = plane_rows(src, p, spec.num_blocks)
+    b = plane_rows(dst, p, spec.num_blocks)
+    a, b = widest(a, b)
+    si = torch.tensor(list(s), dtype=torch.long, device=a.device)
+    di = torch.tensor(list(d), dtype=torch.long, device=b.device)
+    rows = torch.index_select(a, 0, si)
+    b.index_copy_(0, di, rows.to(b.device))
+    return p.row_bytes * len(s)

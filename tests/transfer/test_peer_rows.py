@@ -1,0 +1,86 @@
+"""The IPC path's row-copy kernel (block ids in, rows straight into another side's tensors)
+against torch indexing, bit for bit: compiled on a GPU, through Triton's interpreter
+(TRITON_INTERPRET=1) on the CPU. Skipped where triton is not installed (the Makefile runs this
+file with the side folder that has it)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_pack_rows import _spec, _tensors
+from triton_interp import interpreted_kernels
+
+from kvtier.transfer.peer_rows import PeerRows, copy_rows_torch
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton not installed"
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KINDS = ["plain_kv_split", "hybrid", "mla_odd"]
+
+
+@pytest.fixture(scope="module")
+def kernels() -> Iterator[ModuleType]:
+    if DEVICE == "cuda":
+        from kvtier.transfer import triton_kernels
+
+        yield triton_kernels
+        return
+    with interpreted_kernels() as mod:
+        yield mod
+
+
+@settings(max_examples=12, deadline=None)
+@given(kind=st.sampled_from(KINDS), data=st.data(),
+       programs=st.sampled_from([None, 0.001]))
+def test_kernel_copies_the_requested_rows_like_torch(
+    kernels: ModuleType, kind: str, data: st.DataObject, programs: float | None
+) -> None:
+    spec = _spec(kind)
+    # a block id belongs to one group at a time (groups of a hybrid model share tensors)
+    blocks = st.permutations(range(spec.num_blocks))
+    src_all, dst_all = data.draw(blocks), data.draw(blocks)
+    src_ids, dst_ids, at = {}, {}, 0
+    for g in range(len(spec.groups)):
+        n = data.draw(st.integers(0, min(6, spec.num_blocks - at)))
+        src_ids[g], dst_ids[g] = src_all[at : at + n], dst_all[at : at + n]
+        at += n
+    src = _tensors(spec, 1)
+    fast, ref = _tensors(spec, 2), _tensors(spec, 2)
+    rows = PeerRows(spec, src, {k: int(v.data_ptr()) for k, v in fast.items()}, kernels,
+                    programs)
+    moved = rows.copy(src_ids, dst_ids)
+    assert moved == copy_rows_torch(spec, src, ref, src_ids, dst_ids)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    for name in src:
+        assert torch.equal(fast[name], ref[name]), name
+    if moved:  # the copy wrote something, so a kernel that did nothing would fail above
+        assert any(not torch.equal(ref[n], _tensors(spec, 2)[n]) for n in ref)
+    assert moved == sum(spec.request_block_bytes(g) * len(v) for g, v in src_ids.items())
+
+
+def test_kernel_skips_rows_past_each_planes_count(kernels: ModuleType) -> None:
+    """Planes with fewer rows than the launch's widest: their extra tiles copy nothing (ids
+    past a plane's count belong to the next plane, or to no one)."""
+    row, n = 8, 6  # elements per row, rows per plane
+    src = torch.arange(2 * n * row, dtype=torch.int64, device=DEVICE)
+    dst = torch.full((2 * n * row,), -1, dtype=torch.int64, device=DEVICE)
+    # plane 0: rows 0..n-1 of the buffer, ids [4, 1]; plane 1: rows n.., ids [0, 2, 5, 3]
+    planes = torch.tensor([0, 0, 0, 2, n * row, n * row, 2, 4], dtype=torch.int64, device=DEVICE)
+    s_ids = torch.tensor([4, 1, 0, 2, 5, 3], dtype=torch.int64, device=DEVICE)
+    d_ids = torch.tensor([0, 5, 3, 1, 4, 2], dtype=torch.int64, device=DEVICE)
+    kernels.copy_plane_rows_kernel[(3,)](src, dst, planes, s_ids, d_ids, 2, 4, ROW=row,
+                                         BLOCK=4, ALIGN=1)
+    want = torch.full_like(dst, -1).view(2, n, row)
+    view = src.view(2, n, row)
+    for p, (s, d) in enumerate([((4, 1), (0, 5)), ((0, 2, 5, 3), (3, 1, 4, 2))]):
+        for a, b in zip(s, d):
+            want[p, b] = view[p, a]
+    assert torch.equal(dst.view(2, n, row), want)
