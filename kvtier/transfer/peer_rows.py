@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Mapping, Sequence
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,12 +32,15 @@ PROGRAMS_PER_SM = 4
 _BLOCK_BYTES = 8192
 
 
-class DevicePointer(NamedTuple):
+class DevicePointer:
     """A raw device address Triton accepts as a pointer argument (it reads data_ptr()/dtype):
-    peer memory mapped through CUDA IPC has no torch tensor."""
+    peer memory mapped through CUDA IPC has no torch tensor. Not a NamedTuple: Triton would
+    take that for a tuple of arguments."""
 
-    address: int
-    dtype: torch.dtype
+    __slots__ = ("address", "dtype")
+
+    def __init__(self, address: int, dtype: torch.dtype) -> None:
+        self.address, self.dtype = address, dtype
 
     def data_ptr(self) -> int:
         return self.address
