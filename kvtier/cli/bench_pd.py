@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="packed mode: staging slot size (4 slots per side)")
     parser.add_argument("--pack-programs", type=float, default=0.0,
                         help="packed mode: gather/scatter programs per SM (0: kvtier's default)")
+    parser.add_argument("--ipc-programs", type=float, default=0.0,
+                        help="ipc mode: copy programs per SM (0: kvtier's default)")
+    parser.add_argument("--ipc-spread", action="store_true",
+                        help="ipc mode: tiles plane by plane through a row")
     parser.add_argument("--modes", default="ipc,request,transfer,packed,packed-ramp",
                         help="comma-separated modes to measure")
     parser.add_argument("--save", metavar="DIR", help="write pd-<device>-<date>.json/.md here")
@@ -249,7 +253,10 @@ def _round(tx: Any, q: Any, out: Any, name: str, mode: str, parts: int, repeat: 
     if mode == "request":
         reports = [tx.send(rid, {0: src}, {0: dst}) for rid in ids]
     elif mode == "ipc":
-        reports = [tx.send_ipc(rid, {0: src}, {0: dst}) for rid in ids]
+        reports, phases = [], []
+        for rid in ids:
+            reports.append(tx.send_ipc(rid, {0: src}, {0: dst}))
+            phases.append(tx.last_phases)
     elif mode.startswith("packed"):
         reports, phases, timelines = [], [], []
         ramp, tx.ramp = tx.ramp, (8 if mode == "packed-ramp" else 0)
@@ -274,9 +281,10 @@ def _round(tx: Any, q: Any, out: Any, name: str, mode: str, parts: int, repeat: 
     row = {"case": name, "mode": mode, "parts": parts, "bytes": nbytes,
            "descriptors": reports[0].descriptors, "gbps": nbytes / times[0] / 1e9,
            "median_gbps": nbytes / times[len(times) // 2] / 1e9}
-    if mode.startswith("packed"):  # mean CPU-side seconds per phase over the timed requests
+    if mode.startswith("packed") or mode == "ipc":  # mean seconds per phase, timed requests
         row["phases_ms"] = {k: 1e3 * sum(p[k] for p in phases[1:]) / max(len(phases) - 1, 1)
                             for k in phases[0]}
+    if mode.startswith("packed"):
         # per-chunk timeline of the median timed request (kvtier.transfer.nixl_packed_send)
         timed = sorted(range(1, len(reports)), key=lambda i: reports[i].seconds)
         row["timeline_ms"] = timelines[timed[len(timed) // 2]] if timed else []
@@ -286,8 +294,8 @@ def _round(tx: Any, q: Any, out: Any, name: str, mode: str, parts: int, repeat: 
 def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[int, ...] = (1,),
             slot_mib: int = 128, workers: int = 1,
             rows_file: Path | None = None, programs: float = 0.0,
-            modes: tuple[str, ...] = ("request", "transfer", "packed", "packed-ramp"),
-            ) -> dict[str, Any]:
+            modes: tuple[str, ...] = ("ipc", "request", "transfer", "packed", "packed-ramp"),
+            ipc_programs: float = 0.0, ipc_spread: bool = False) -> dict[str, Any]:
     """All rows; each row is appended to `rows_file` (JSON lines) as soon as it is measured,
     and a failing row ends the run with an "error" row, keeping those before it."""
     from kvtier.transfer.nixl_ipc import IpcSender
@@ -327,6 +335,7 @@ def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[i
         host, port = q.get(timeout=300)
         tensors = _alloc(spec, src_dev, None)
         with IpcSender(spec, tensors, FP, slots=4, programs_per_sm=programs or None,
+                       ipc_programs_per_sm=ipc_programs or None, ipc_spread=ipc_spread,
                        timeout=120, backend_params=_params(workers)) as tx:
             tx.connect(host, port)
             if "ipc" in modes and tx.peer_rows is None:  # CPU, or no peer access
@@ -353,6 +362,7 @@ def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[i
     return {"device": device, "geometry": geometry, "tokens": tokens, "blocks": blocks,
             "tensors": len(spec.tensors), "ucx_workers": workers,
             "pack_programs_per_sm": programs or "default",
+            "ipc_programs_per_sm": ipc_programs or "default", "ipc_spread": ipc_spread,
             "ceiling": "local memcpy" if device == "cpu" else "peer copy GPU0->GPU1",
             "copies_ceiling_gbps": same_copies, "results": rows}
 
@@ -413,7 +423,7 @@ def run(args: argparse.Namespace) -> int:
         rows_file = Path(args.save) / f"pd-{device}-w{args.workers}-rows.jsonl"
     modes = tuple(m for m in str(args.modes).split(",") if m)
     doc = measure(device, args.geometry, tokens, args.repeat, parts, args.slot_mib, args.workers,
-                  rows_file, args.pack_programs, modes)
+                  rows_file, args.pack_programs, modes, args.ipc_programs, args.ipc_spread)
     doc["machine"] = machine(device)
     text = markdown(doc)
     if args.save:

@@ -32,10 +32,11 @@ class IpcSender(PackedSender):
 
     def __init__(self, spec: Any, tensors: Mapping[str, torch.Tensor], fingerprint: bytes,
                  *, ipc: bool = True, ipc_programs_per_sm: float | None = None,
-                 **kwargs: Any) -> None:
+                 ipc_spread: bool = False, **kwargs: Any) -> None:
         super().__init__(spec, tensors, fingerprint, **kwargs)
         self.ipc_enabled = ipc
-        self.ipc_programs_per_sm = ipc_programs_per_sm
+        # the copy kernel's grid and tile order (kvtier.transfer.peer_rows)
+        self.ipc_programs_per_sm, self.ipc_spread = ipc_programs_per_sm, ipc_spread
         self.peer_memory: PeerMemory | None = None
         self.peer_rows: PeerRows | None = None
         self.ipc_unused = "not connected"
@@ -71,7 +72,7 @@ class IpcSender(PackedSender):
             dst[t.name] = mem.base(region) + start
         self.peer_memory = mem
         self.peer_rows = PeerRows(self.plan.spec, self.torch_tensors, dst, self._kernels,
-                                  self.ipc_programs_per_sm)
+                                  self.ipc_programs_per_sm, self.ipc_spread)
         return ""
 
     def _unmap(self) -> None:
@@ -121,13 +122,18 @@ class IpcSender(PackedSender):
             raise PeerGone(f"request {request_id}: receiver gone before the copy")
         stream = self._stream
         assert stream is not None
+        t_checked = time.monotonic()
         with torch.cuda.device(self.device):
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
+                began = torch.cuda.Event(enable_timing=True)
+                began.record(stream)
                 nbytes = rows.copy(src, dst)
-                done = torch.cuda.Event()
+                done = torch.cuda.Event(enable_timing=True)
                 done.record(stream)
+        t_launched = time.monotonic()
         self._wait_until(done.query, request_id, deadline, "copy not done")
+        t_copied = time.monotonic()
         if not self.peer_alive():
             raise PeerGone(f"request {request_id}: receiver left during the copy")
         try:
@@ -135,4 +141,10 @@ class IpcSender(PackedSender):
                                   notification(request_id, self.fingerprint, dst, nbytes, 0))
         except Exception as exc:  # NIXL raises its own error types
             raise PeerGone(f"request {request_id}: cannot notify the receiver: {exc}") from exc
-        return TransferReport(request_id, nbytes, 0, time.monotonic() - start)
+        end = time.monotonic()
+        # where a request's time goes (seconds): checks, launch (tables and kernels enqueued),
+        # wait (until the copy finished), kernel (GPU time of the copy), notify
+        self.last_phases = {"checks": t_checked - start, "launch": t_launched - t_checked,
+                            "wait": t_copied - t_launched,
+                            "kernel": began.elapsed_time(done) / 1e3, "notify": end - t_copied}
+        return TransferReport(request_id, nbytes, 0, end - start)

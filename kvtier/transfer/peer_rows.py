@@ -60,8 +60,8 @@ class PeerRows:
 
     def __init__(self, spec: KVCacheSpec, src: Mapping[str, torch.Tensor],
                  dst: Mapping[str, int], kernels: ModuleType,
-                 programs_per_sm: float | None = None) -> None:
-        self.spec, self.kernels = spec, kernels
+                 programs_per_sm: float | None = None, spread: bool = False) -> None:
+        self.spec, self.kernels, self.spread = spec, kernels, spread
         self.programs = programs_per_sm or PROGRAMS_PER_SM
         self.device = next(iter(src.values())).device
         self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
@@ -114,7 +114,7 @@ class PeerRows:
             grid = (max(1, min(tiles, int(self.sms * self.programs))),)
             self.kernels.copy_plane_rows_kernel[grid](
                 self.src_base, self.dst_base, tab, ids[0], ids[1], len(table), max_rows,
-                ROW=row, BLOCK=block, ALIGN=self.align, num_warps=4)
+                ROW=row, BLOCK=block, ALIGN=self.align, SPREAD=self.spread, num_warps=4)
         return nbytes
 
 

@@ -189,19 +189,26 @@ def copy_plane_rows_kernel(
     ROW: tl.constexpr,
     BLOCK: tl.constexpr,
     ALIGN: tl.constexpr,
+    SPREAD: tl.constexpr = False,
 ):
     """Row i < count of plane p: ROW elements from src_base + src_start + src_ids[at + i] * ROW
     to dst_base + dst_start + dst_ids[at + i] * ROW, where planes[p] = (src_start, dst_start,
     at, count) in elements / ids (int64). Block ids, not per-row tables, so a request uploads a
     few KiB however many rows it has. Tiles: n_planes * max_rows * cdiv(ROW, BLOCK), those with
-    i >= count skipped; any grid size from 1 covers them (persistent grid)."""
+    i >= count skipped; any grid size from 1 covers them (persistent grid). Tiles run row by
+    row through a plane, or with SPREAD plane by plane through a row (neighbouring programs
+    then write into different tensors)."""
     CHUNKS = (ROW + BLOCK - 1) // BLOCK
     for tile in range(tl.program_id(0), n_planes * max_rows * CHUNKS, tl.num_programs(0)):
         t = tl.cast(tile, tl.int64)  # a plain int under the interpreter
         chunk = t % CHUNKS
         r = t // CHUNKS
-        i = r % max_rows
-        p = r // max_rows
+        if SPREAD:
+            p = r % n_planes
+            i = r // n_planes
+        else:
+            i = r % max_rows
+            p = r // max_rows
         count = tl.load(planes + 4 * p + 3)
         if i < count:
             at = tl.load(planes + 4 * p + 2) + i

@@ -36,11 +36,11 @@ def kernels() -> Iterator[ModuleType]:
         yield mod
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(kind=st.sampled_from(KINDS), data=st.data(),
-       programs=st.sampled_from([None, 0.001]))
+       programs=st.sampled_from([None, 0.001]), spread=st.booleans())
 def test_kernel_copies_the_requested_rows_like_torch(
-    kernels: ModuleType, kind: str, data: st.DataObject, programs: float | None
+    kernels: ModuleType, kind: str, data: st.DataObject, programs: float | None, spread: bool
 ) -> None:
     spec = _spec(kind)
     # a block id belongs to one group at a time (groups of a hybrid model share tensors)
@@ -54,7 +54,7 @@ def test_kernel_copies_the_requested_rows_like_torch(
     src = _tensors(spec, 1)
     fast, ref = _tensors(spec, 2), _tensors(spec, 2)
     rows = PeerRows(spec, src, {k: int(v.data_ptr()) for k, v in fast.items()}, kernels,
-                    programs)
+                    programs, spread)
     moved = rows.copy(src_ids, dst_ids)
     assert moved == copy_rows_torch(spec, src, ref, src_ids, dst_ids)
     if DEVICE == "cuda":
@@ -66,7 +66,8 @@ def test_kernel_copies_the_requested_rows_like_torch(
     assert moved == sum(spec.request_block_bytes(g) * len(v) for g, v in src_ids.items())
 
 
-def test_kernel_skips_rows_past_each_planes_count(kernels: ModuleType) -> None:
+@pytest.mark.parametrize("spread", [False, True])
+def test_kernel_skips_rows_past_each_planes_count(kernels: ModuleType, spread: bool) -> None:
     """Planes with fewer rows than the launch's widest: their extra tiles copy nothing (ids
     past a plane's count belong to the next plane, or to no one)."""
     row, n = 8, 6  # elements per row, rows per plane
@@ -77,7 +78,7 @@ def test_kernel_skips_rows_past_each_planes_count(kernels: ModuleType) -> None:
     s_ids = torch.tensor([4, 1, 0, 2, 5, 3], dtype=torch.int64, device=DEVICE)
     d_ids = torch.tensor([0, 5, 3, 1, 4, 2], dtype=torch.int64, device=DEVICE)
     kernels.copy_plane_rows_kernel[(3,)](src, dst, planes, s_ids, d_ids, 2, 4, ROW=row,
-                                         BLOCK=4, ALIGN=1)
+                                         BLOCK=4, ALIGN=1, SPREAD=spread)
     want = torch.full_like(dst, -1).view(2, n, row)
     view = src.view(2, n, row)
     for p, (s, d) in enumerate([((4, 1), (0, 5)), ((0, 2, 5, 3), (3, 1, 4, 2))]):
