@@ -90,7 +90,7 @@ def _expand(order: Sequence[Piece], all_ids: np.ndarray, id_at: np.ndarray,
     return plane_off, slot_off
 
 
-def upload(table: np.ndarray, dev: torch.device) -> torch.Tensor:
+def _upload(table: np.ndarray, dev: torch.device) -> torch.Tensor:
     """`table` on `dev`. On CUDA it goes through pinned memory without blocking the CPU: the
     copy is ordered on the current stream, before the kernels that read the table, and the
     pinned block is not reused before the copy has run (torch's host allocator records it)."""
@@ -189,7 +189,7 @@ class PackRows:
         dev = self.slot_base.device
         with torch.cuda.stream(self.stream) if self.stream is not None \
                 else contextlib.nullcontext():
-            built = _Tables(upload(plane_off, dev), upload(slot_off, dev), runs)
+            built = _Tables(_upload(plane_off, dev), _upload(slot_off, dev), runs)
         self._tables[c] = built
         return built
 

@@ -23,7 +23,7 @@ import torch
 
 from kvtier.geometry.groups import KVCacheSpec
 from kvtier.transfer.pack_plan import Plane, planes
-from kvtier.transfer.pack_rows import plane_rows, upload, widest
+from kvtier.transfer.pack_rows import plane_rows, widest
 from kvtier.transfer.torch_path import move_dtype, widest_divisor
 
 # Programs per SM and elements per step: the best of 1-16 programs and 4-16 KiB steps on
@@ -56,7 +56,8 @@ class PeerRows:
     """Copies requests' rows from `src` (this side's tensors) into the tensors at addresses
     `dst` (the peer's, mapped here; same spec, so same names and sizes). `copy` enqueues on the
     current stream of src's device and returns at once; the caller orders it after the stream
-    that wrote the KV and waits for it before telling the peer."""
+    that wrote the KV and waits for it before telling the peer. A copy first waits for the
+    previous one's kernels (they read the tables it is about to overwrite)."""
 
     def __init__(self, spec: KVCacheSpec, src: Mapping[str, torch.Tensor],
                  dst: Mapping[str, int], kernels: ModuleType,
@@ -78,8 +79,28 @@ class PeerRows:
         first = min(src.values(), key=lambda t: int(t.data_ptr())).reshape(-1).view(torch.uint8)
         self.src_base = first[: first.numel() // e * e].view(dtype)
         span = max(a + sizes[k] for k, a in self._dst_addr.items()) - self._dst_min
+        self._host = self._dev = torch.empty(0, dtype=torch.int64)
+        self._used: torch.cuda.Event | None = None  # after the last copy's kernels
         self.dst_base: Any = DevicePointer(self._dst_min, dtype) if self.device.type == "cuda" \
             else _host_view(self._dst_min, span // e * e, dtype)
+
+    def _stage(self, flat: np.ndarray) -> torch.Tensor:
+        """`flat` on the device, through buffers kept from one copy to the next: allocating
+        and pinning host memory per request cost more CPU than the tables' few KiB are worth.
+        The previous copy's kernels must be done with the buffers first."""
+        if self._used is not None:
+            self._used.synchronize()
+        n = int(flat.size)
+        if self._host.numel() < n:
+            cap = 1 << max(12, (n - 1).bit_length())
+            cuda = self.device.type == "cuda"
+            self._host = torch.empty(cap, dtype=torch.int64, pin_memory=cuda)
+            self._dev = torch.empty(cap, dtype=torch.int64, device=self.device) if cuda \
+                else self._host
+        self._host.numpy()[:n] = flat
+        if self._dev is not self._host:
+            self._dev[:n].copy_(self._host[:n], non_blocking=True)
+        return self._dev[:n]
 
     def copy(self, src_ids: Mapping[int, Sequence[int]],
              dst_ids: Mapping[int, Sequence[int]]) -> int:
@@ -101,20 +122,23 @@ class PeerRows:
             nbytes += p.row_bytes * counts[p.group]
         if not by_row:
             return 0
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        ids = [upload(s_ids, self.device), upload(d_ids, self.device)]
-        for row, table in sorted(by_row.items()):
-            tab = upload(np.asarray(table, dtype=np.int64).reshape(-1), self.device)
-            if stream is not None:  # the tables live until the stream has run the copy
-                for t in (tab, *ids):
-                    t.record_stream(stream)
+        tables = [np.asarray(t, dtype=np.int64).reshape(-1) for _, t in sorted(by_row.items())]
+        buf = self._stage(np.concatenate([s_ids, d_ids, *tables]))
+        s_dev, d_dev = buf[: len(s_ids)], buf[len(s_ids) : 2 * len(s_ids)]
+        at_tab = 2 * len(s_ids)
+        for (row, table), tab in zip(sorted(by_row.items()), tables):
             block = min(_BLOCK_BYTES // self.elem, 1 << (row - 1).bit_length())
             max_rows = max(n for *_, n in table)
             tiles = len(table) * max_rows * -(-row // block)
             grid = (max(1, min(tiles, int(self.sms * self.programs))),)
             self.kernels.copy_plane_rows_kernel[grid](
-                self.src_base, self.dst_base, tab, ids[0], ids[1], len(table), max_rows,
-                ROW=row, BLOCK=block, ALIGN=self.align, SPREAD=self.spread, num_warps=4)
+                self.src_base, self.dst_base, buf[at_tab : at_tab + len(tab)], s_dev, d_dev,
+                len(table), max_rows, ROW=row, BLOCK=block, ALIGN=self.align,
+                SPREAD=self.spread, num_warps=4)
+            at_tab += len(tab)
+        if self.device.type == "cuda":
+            self._used = torch.cuda.Event()
+            self._used.record(torch.cuda.current_stream(self.device))
         return nbytes
 
 

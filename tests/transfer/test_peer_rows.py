@@ -85,3 +85,18 @@ def test_kernel_skips_rows_past_each_planes_count(kernels: ModuleType, spread: b
         for a, b in zip(s, d):
             want[p, b] = view[p, a]
     assert torch.equal(dst.view(2, n, row), want)
+
+
+def test_one_rows_object_serves_requests_of_growing_size(kernels: ModuleType) -> None:
+    """The tables' buffers are kept between copies and grown when a request needs more."""
+    spec = _spec("plain_kv_split")
+    src = _tensors(spec, 1)
+    fast, ref = _tensors(spec, 2), _tensors(spec, 2)
+    rows = PeerRows(spec, src, {k: int(v.data_ptr()) for k, v in fast.items()}, kernels)
+    for s, d in [([3], [4]), (list(range(10, 20)), list(range(0, 10))), ([19], [5])]:
+        rows.copy({0: s}, {0: d})
+        copy_rows_torch(spec, src, ref, {0: s}, {0: d})
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    for name in src:
+        assert torch.equal(fast[name], ref[name]), name
