@@ -14,9 +14,10 @@ the tests compare the kernel with, bit for bit.
 from __future__ import annotations
 
 import ctypes
+import itertools
 from collections.abc import Mapping, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,6 +31,24 @@ from kvtier.transfer.torch_path import move_dtype, widest_divisor
 # 2x H200 (4 and 8 KiB: 366-367 GB/s against 356-365 elsewhere).
 PROGRAMS_PER_SM = 4
 _BLOCK_BYTES = 8192
+_PLANS = 64  # request shapes whose plane tables are kept
+
+
+class _Launch(NamedTuple):
+    """One kernel launch: the planes whose rows are `row` elements."""
+
+    row: int
+    block: int
+    planes: int
+    max_rows: int
+    grid: int
+
+
+class _Plan(NamedTuple):
+    tables: np.ndarray  # every launch's plane table, in launch order
+    launches: list[_Launch]
+    nbytes: int
+    ids: int  # block ids per side
 
 
 class DevicePointer:
@@ -81,6 +100,7 @@ class PeerRows:
         span = max(a + sizes[k] for k, a in self._dst_addr.items()) - self._dst_min
         self._host = self._dev = torch.empty(0, dtype=torch.int64)
         self._used: torch.cuda.Event | None = None  # after the last copy's kernels
+        self._plans: dict[tuple[tuple[int, int], ...], _Plan] = {}
         self.dst_base: Any = DevicePointer(self._dst_min, dtype) if self.device.type == "cuda" \
             else _host_view(self._dst_min, span // e * e, dtype)
 
@@ -102,44 +122,63 @@ class PeerRows:
             self._dev[:n].copy_(self._host[:n], non_blocking=True)
         return self._dev[:n]
 
+    def _plan(self, key: tuple[tuple[int, int], ...]) -> _Plan:
+        """The plane tables and launches of a request with (group, block count) `key`: they
+        depend on the counts only, so repeated shapes reuse them (kept for _PLANS shapes)."""
+        plan = self._plans.pop(key, None)
+        if plan is None:
+            counts = dict(key)
+            at = dict(zip(counts, itertools.accumulate(counts.values(), initial=0)))
+            by_row: dict[int, list[tuple[int, int, int, int]]] = {}
+            nbytes = 0
+            for p in planes(self.spec, counts):
+                row = p.row_bytes // self.elem
+                by_row.setdefault(row, []).append((
+                    (self._src_addr[p.tensor] + p.offset - self._src_min) // self.elem,
+                    (self._dst_addr[p.tensor] + p.offset - self._dst_min) // self.elem,
+                    at[p.group], counts[p.group]))
+                nbytes += p.row_bytes * counts[p.group]
+            launches = []
+            for row, table in sorted(by_row.items()):
+                block = min(_BLOCK_BYTES // self.elem, 1 << (row - 1).bit_length())
+                max_rows = max(n for *_, n in table)
+                tiles = len(table) * max_rows * -(-row // block)
+                grid = max(1, min(tiles, int(self.sms * self.programs)))
+                launches.append(_Launch(row, block, len(table), max_rows, grid))
+            flat = [np.asarray(t, dtype=np.int64).reshape(-1) for _, t in sorted(by_row.items())]
+            plan = _Plan(np.concatenate(flat) if flat else np.zeros(0, np.int64), launches,
+                         nbytes, sum(counts.values()))
+            if len(self._plans) >= _PLANS:
+                self._plans.pop(next(iter(self._plans)))
+        self._plans[key] = plan  # most recently used last
+        return plan
+
     def copy(self, src_ids: Mapping[int, Sequence[int]],
              dst_ids: Mapping[int, Sequence[int]]) -> int:
         """Enqueue the copy of blocks src_ids[g] into the peer's dst_ids[g] (checked by the
         caller: same groups, same counts, in range); return the bytes it moves."""
-        counts = {g: len(v) for g, v in src_ids.items() if len(v)}
-        groups = sorted(counts)
-        at = dict(zip(groups, np.cumsum([0] + [counts[g] for g in groups]).tolist()))
-        s_ids = np.asarray([b for g in groups for b in src_ids[g]], dtype=np.int64)
-        d_ids = np.asarray([b for g in groups for b in dst_ids[g]], dtype=np.int64)
-        by_row: dict[int, list[tuple[int, int, int, int]]] = {}
-        nbytes = 0
-        for p in planes(self.spec, counts):
-            row = p.row_bytes // self.elem
-            by_row.setdefault(row, []).append((
-                (self._src_addr[p.tensor] + p.offset - self._src_min) // self.elem,
-                (self._dst_addr[p.tensor] + p.offset - self._dst_min) // self.elem,
-                at[p.group], counts[p.group]))
-            nbytes += p.row_bytes * counts[p.group]
-        if not by_row:
+        groups = sorted(g for g, v in src_ids.items() if len(v))
+        plan = self._plan(tuple((g, len(src_ids[g])) for g in groups))
+        if not plan.launches:
             return 0
-        tables = [np.asarray(t, dtype=np.int64).reshape(-1) for _, t in sorted(by_row.items())]
-        buf = self._stage(np.concatenate([s_ids, d_ids, *tables]))
-        s_dev, d_dev = buf[: len(s_ids)], buf[len(s_ids) : 2 * len(s_ids)]
-        at_tab = 2 * len(s_ids)
-        for (row, table), tab in zip(sorted(by_row.items()), tables):
-            block = min(_BLOCK_BYTES // self.elem, 1 << (row - 1).bit_length())
-            max_rows = max(n for *_, n in table)
-            tiles = len(table) * max_rows * -(-row // block)
-            grid = (max(1, min(tiles, int(self.sms * self.programs))),)
-            self.kernels.copy_plane_rows_kernel[grid](
-                self.src_base, self.dst_base, buf[at_tab : at_tab + len(tab)], s_dev, d_dev,
-                len(table), max_rows, ROW=row, BLOCK=block, ALIGN=self.align,
+        n = plan.ids
+        s_ids = np.fromiter(itertools.chain.from_iterable(src_ids[g] for g in groups),
+                            np.int64, n)
+        d_ids = np.fromiter(itertools.chain.from_iterable(dst_ids[g] for g in groups),
+                            np.int64, n)
+        buf = self._stage(np.concatenate([s_ids, d_ids, plan.tables]))
+        s_dev, d_dev = buf[:n], buf[n : 2 * n]
+        at = 2 * n
+        for ln in plan.launches:
+            self.kernels.copy_plane_rows_kernel[(ln.grid,)](
+                self.src_base, self.dst_base, buf[at : at + 4 * ln.planes], s_dev, d_dev,
+                ln.planes, ln.max_rows, ROW=ln.row, BLOCK=ln.block, ALIGN=self.align,
                 SPREAD=self.spread, num_warps=4)
-            at_tab += len(tab)
+            at += 4 * ln.planes
         if self.device.type == "cuda":
             self._used = torch.cuda.Event()
             self._used.record(torch.cuda.current_stream(self.device))
-        return nbytes
+        return plan.nbytes
 
 
 def copy_rows_torch(spec: KVCacheSpec, src: Mapping[str, torch.Tensor],
