@@ -108,7 +108,16 @@ def offer(regions: Sequence[Region]) -> dict[str, Any] | None:
             "regions": [[e.handle, e.offset, e.nbytes] for e in exports]}
 
 
-def parse_offer(doc: Any, regions: Sequence[Region]) -> list[Export] | None:
+@dataclass(frozen=True)
+class Offer:
+    """A peer's validated offer: where its memory lives and how to map each region."""
+
+    host: str
+    gpu: str
+    exports: tuple[Export, ...]
+
+
+def parse_offer(doc: Any, regions: Sequence[Region]) -> Offer | None:
     """A peer's offer validated against its registered `regions` (from the same handshake):
     None when there is none; HandshakeError when it is malformed."""
     if doc is None:
@@ -128,7 +137,7 @@ def parse_offer(doc: Any, regions: Sequence[Region]) -> list[Export] | None:
         out.append(Export(*entry))
     if not ok:
         raise HandshakeError(f"bad IPC offer {str(doc)[:200]!r}")
-    return out
+    return Offer(doc["host"], doc["gpu"], tuple(out))
 
 
 class PeerMemory:
@@ -176,23 +185,24 @@ class PeerMemory:
         self._mapped = {}
 
 
-def open_offer(exports: Sequence[Export] | None, doc: Any, device: int) -> PeerMemory | None:
+def open_offer(peer: Offer, device: int) -> PeerMemory | None:
     """Map a peer's offer on local GPU `device` when it can be used from here: same host, the
     peer's GPU visible and reachable by peer access (or the same GPU). None otherwise, or when
     the driver refuses; the caller then moves data over NIXL."""
-    if exports is None or doc.get("host") != host_id() or not host_id():
+    if peer.host != host_id() or not host_id():
         return None
     import torch
 
     try:
         remote = next((i for i in range(torch.cuda.device_count())
-                       if gpu_uuid(i) == doc["gpu"]), None)
+                       if gpu_uuid(i) == peer.gpu), None)
         if remote is None or (remote != device
                               and not torch.cuda.can_device_access_peer(device, remote)):
             return None
-        return PeerMemory(exports, device)
+        return PeerMemory(peer.exports, device)
     except (OSError, IpcError, RuntimeError):
         return None
 
 
-__all__ = ["Export", "IpcError", "PeerMemory", "host_id", "offer", "open_offer", "parse_offer"]
+__all__ = ["Export", "IpcError", "Offer", "PeerMemory", "host_id", "offer", "open_offer",
+           "parse_offer"]

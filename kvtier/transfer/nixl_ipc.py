@@ -18,8 +18,7 @@ from typing import Any
 
 import torch
 
-from kvtier.errors import ConfigError
-from kvtier.transfer.cuda_ipc import PeerMemory, open_offer, parse_offer
+from kvtier.transfer.cuda_ipc import Offer, PeerMemory, open_offer, parse_offer
 from kvtier.transfer.handshake import HandshakeError, PeerGone, TransferError, notification
 from kvtier.transfer.nixl_endpoint import TransferReport
 from kvtier.transfer.nixl_packed_send import PackedSender
@@ -46,23 +45,23 @@ class IpcSender(PackedSender):
         self._unmap()
         assert self.remote_plan is not None and self.peer is not None
         try:
-            exports = parse_offer(frame_doc.get("ipc"), self.remote_plan.regions)
+            peer_offer = parse_offer(frame_doc.get("ipc"), self.remote_plan.regions)
         except HandshakeError:
             with contextlib.suppress(Exception):
                 self.agent.remove_remote_agent(self.peer.agent)
             self.peer = self.remote_plan = None
             raise
-        self.ipc_unused = self._map(exports, frame_doc.get("ipc"))
+        self.ipc_unused = self._map(peer_offer)
 
-    def _map(self, exports: Any, doc: Any) -> str:
+    def _map(self, peer_offer: Offer | None) -> str:
         """Map the peer's offer; '' when send_ipc can run, else why not."""
         if not self.ipc_enabled:
             return "disabled"
         if self.device.type != "cuda" or self._kernels is None:
             return "needs a CUDA device and Triton"
-        if exports is None:
+        if peer_offer is None:
             return "the receiver offered no IPC memory"
-        mem = open_offer(exports, doc, int(self.device.index or 0))
+        mem = open_offer(peer_offer, int(self.device.index or 0))
         if mem is None:
             return "the receiver's memory is not reachable from this GPU"
         assert self.remote_plan is not None
@@ -110,14 +109,7 @@ class IpcSender(PackedSender):
             raise TransferError(f"no IPC path to {self.peer.agent}: {self.ipc_unused}")
         start = time.monotonic()
         deadline = start + (timeout or self.timeout)
-        src = {int(g): list(v) for g, v in src_blocks.items() if len(v)}
-        dst = {int(g): list(v) for g, v in dst_blocks.items() if len(v)}
-        if sorted(src) != sorted(dst) or any(len(src[g]) != len(dst[g]) for g in src):
-            want = {g: len(v) for g, v in src.items()}
-            raise ConfigError("dst_blocks", {g: len(v) for g, v in dst.items()},
-                              f"as many blocks per group as src: {want}")
-        self.plan.check_blocks(src)
-        self.remote_plan.check_blocks(dst)
+        src, dst = self._paired_blocks(src_blocks, dst_blocks)
         if not self.peer_alive():  # its memory may be gone with it
             raise PeerGone(f"request {request_id}: receiver gone before the copy")
         stream = self._stream

@@ -158,6 +158,22 @@ class PackedSender(KVSender):
             nbytes += spec.request_block_bytes(g) * len(ids)
         return nbytes / count if count else float("inf")
 
+    def _paired_blocks(self, src_blocks: Mapping[int, Sequence[int]],
+                       dst_blocks: Mapping[int, Sequence[int]]
+                       ) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+        """Both sides' non-empty block lists, checked: the same groups and counts, every id in
+        range on its side. Raises ConfigError before anything moves."""
+        assert self.remote_plan is not None
+        src = {int(g): list(v) for g, v in src_blocks.items() if len(v)}
+        dst = {int(g): list(v) for g, v in dst_blocks.items() if len(v)}
+        if sorted(src) != sorted(dst) or any(len(src[g]) != len(dst[g]) for g in src):
+            want = {g: len(v) for g, v in src.items()}
+            raise ConfigError("dst_blocks", {g: len(v) for g, v in dst.items()},
+                              f"as many blocks per group as src: {want}")
+        self.plan.check_blocks(src)
+        self.remote_plan.check_blocks(dst)
+        return src, dst
+
     def send_packed(self, request_id: str, src_blocks: Mapping[int, Sequence[int]],
                     dst_blocks: Mapping[int, Sequence[int]],
                     timeout: float | None = None) -> TransferReport:
@@ -172,14 +188,7 @@ class PackedSender(KVSender):
             raise ConfigError("receiver", self.peer.agent, "a PackedReceiver (it has no staging)")
         start = time.monotonic()
         deadline = start + (timeout or self.timeout)
-        src = {int(g): list(v) for g, v in src_blocks.items() if len(v)}
-        dst = {int(g): list(v) for g, v in dst_blocks.items() if len(v)}
-        if sorted(src) != sorted(dst) or any(len(src[g]) != len(dst[g]) for g in src):
-            want = {g: len(v) for g, v in src.items()}
-            raise ConfigError("dst_blocks", {g: len(v) for g, v in dst.items()},
-                              f"as many blocks per group as src: {want}")
-        self.plan.check_blocks(src)
-        self.remote_plan.check_blocks(dst)
+        src, dst = self._paired_blocks(src_blocks, dst_blocks)
         first = rs.slot_bytes // self.ramp if self.ramp > 1 else 0
         ps, chunks = chunk_plan(self.plan.spec, {g: len(v) for g, v in src.items()},
                                 rs.slot_bytes, first)

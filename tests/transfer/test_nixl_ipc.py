@@ -40,8 +40,9 @@ def _offer_doc() -> dict[str, Any]:
 
 
 def test_a_valid_offer_parses_and_host_memory_offers_nothing() -> None:
-    exports = parse_offer(_offer_doc(), REGIONS)
-    assert exports is not None and [e.offset for e in exports] == [0, 256]
+    parsed = parse_offer(_offer_doc(), REGIONS)
+    assert parsed is not None and [e.offset for e in parsed.exports] == [0, 256]
+    assert (parsed.host, parsed.gpu) == (host_id(), "GPU-x")
     assert parse_offer(None, REGIONS) is None
     assert offer([Region(1 << 20, 4096)]) is None  # DRAM
     assert offer([Region(1 << 20, 4096, 0), Region(1 << 24, 4096, 1)]) is None  # two GPUs
@@ -106,6 +107,11 @@ def _sender(kind: str, device: str = "cpu", **kw: Any) -> tuple[IpcSender, dict]
     tensors = {t.name: torch.randint(0, 256, (t.size_bytes,), dtype=torch.uint8,
                                      generator=gen).to(device) for t in spec.tensors}
     return IpcSender(spec, tensors, FP, timeout=20, **kw), tensors
+
+
+def _receiver_gpu() -> str:
+    """GPU1 where there is one, else the sender's GPU (two processes on one GPU)."""
+    return "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
 
 
 def _moves(spec: Any) -> tuple[dict, dict]:
@@ -191,8 +197,7 @@ def test_ipc_between_two_processes_on_one_gpu_bit_exact() -> None:
 def test_receiver_that_offers_nothing_gets_nixl_on_a_gpu() -> None:
     spec = make_spec("plain")
     src, dst = _moves(spec)
-    rx_dev = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
-    proc, _, out, host, port = _start("plain", [("n", dst)], rx_dev, ipc=False)
+    proc, _, out, host, port = _start("plain", [("n", dst)], _receiver_gpu(), ipc=False)
     tx, tensors = _sender("plain", "cuda:0")
     try:
         tx.connect(host, port)
@@ -212,8 +217,7 @@ def test_receiver_that_offers_nothing_gets_nixl_on_a_gpu() -> None:
 def test_a_dead_receiver_gives_peer_gone_not_a_hang() -> None:
     spec = make_spec("plain")
     src, dst = _moves(spec)
-    rx_dev = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
-    proc, q, _, host, port = _start("plain", [("never", dst)], rx_dev, linger=60)
+    proc, q, _, host, port = _start("plain", [("never", dst)], _receiver_gpu(), linger=60)
     tx, _ = _sender("plain", "cuda:0")
     try:
         tx.connect(host, port)

@@ -7,12 +7,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import random
-from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
 import torch
-from triton_interp import interpreted_kernels
 
 from kvtier.geometry.groups import KVCacheSpec, uniform_spec
 from kvtier.transfer.pack_plan import chunk_plan, planes
@@ -22,17 +20,6 @@ pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="triton not installed"
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(scope="module")
-def kernels() -> Iterator[ModuleType]:
-    if DEVICE == "cuda":
-        from kvtier.transfer import triton_kernels
-
-        yield triton_kernels
-        return
-    with interpreted_kernels() as mod:
-        yield mod
 
 
 def _spec(kind: str) -> KVCacheSpec:

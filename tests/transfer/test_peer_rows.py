@@ -6,7 +6,6 @@ file with the side folder that has it)."""
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
@@ -14,7 +13,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_pack_rows import _spec, _tensors
-from triton_interp import interpreted_kernels
 
 from kvtier.transfer.peer_rows import PeerRows, copy_rows_torch
 
@@ -23,17 +21,6 @@ pytestmark = pytest.mark.skipif(
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KINDS = ["plain_kv_split", "hybrid", "mla_odd"]
-
-
-@pytest.fixture(scope="module")
-def kernels() -> Iterator[ModuleType]:
-    if DEVICE == "cuda":
-        from kvtier.transfer import triton_kernels
-
-        yield triton_kernels
-        return
-    with interpreted_kernels() as mod:
-        yield mod
 
 
 @settings(max_examples=16, deadline=None)
