@@ -73,6 +73,8 @@ for v in $VARIANTS; do
         ipc-p*) p=${v#ipc-p}; run_bench "$v" 8192 60 256 "--modes ipc --ipc-programs ${p/_/.}" ;;
         ipcs-p*) p=${v#ipcs-p}; run_bench "$v" 8192 60 256 \
             "--modes ipc --ipc-spread --ipc-programs ${p/_/.}" ;;
+        ipcd-p*) p=${v#ipcd-p}; run_bench "$v" 8192 60 256 \
+            "--modes ipc --ipc-direct --ipc-programs ${p/_/.}" ;;
         sgl-8k) run_bench sgl-8k 8192 80 64 "" NIXL_UCX_SGL_ENABLE=1 ;;
         *) echo "pd.sh: unknown variant $v" >&2; status=1 ;;
     esac

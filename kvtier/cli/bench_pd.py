@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ipc mode: copy programs per SM (0: kvtier's default)")
     parser.add_argument("--ipc-spread", action="store_true",
                         help="ipc mode: tiles plane by plane through a row")
+    parser.add_argument("--ipc-direct", action="store_true",
+                        help="ipc mode: launch every request's kernels, never a captured graph")
     parser.add_argument("--modes", default="ipc,request,transfer,packed,packed-ramp",
                         help="comma-separated modes to measure")
     parser.add_argument("--save", metavar="DIR", help="write pd-<device>-<date>.json/.md here")
@@ -295,7 +297,8 @@ def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[i
             slot_mib: int = 128, workers: int = 1,
             rows_file: Path | None = None, programs: float = 0.0,
             modes: tuple[str, ...] = ("ipc", "request", "transfer", "packed", "packed-ramp"),
-            ipc_programs: float = 0.0, ipc_spread: bool = False) -> dict[str, Any]:
+            ipc_programs: float = 0.0, ipc_spread: bool = False,
+            ipc_graphs: bool = True) -> dict[str, Any]:
     """All rows; each row is appended to `rows_file` (JSON lines) as soon as it is measured,
     and a failing row ends the run with an "error" row, keeping those before it."""
     from kvtier.transfer.nixl_ipc import IpcSender
@@ -319,6 +322,7 @@ def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[i
                        daemon=True)
     proc.start()
     rows: list[dict[str, Any]] = []
+    graphs: dict[str, Any] = {}
 
     def emit(row: dict[str, Any]) -> None:
         row.update(ceiling_gbps=ceiling, ratio=row.get("gbps", 0.0) / ceiling)
@@ -336,6 +340,7 @@ def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[i
         tensors = _alloc(spec, src_dev, None)
         with IpcSender(spec, tensors, FP, slots=4, programs_per_sm=programs or None,
                        ipc_programs_per_sm=ipc_programs or None, ipc_spread=ipc_spread,
+                       ipc_graphs=ipc_graphs,
                        timeout=120, backend_params=_params(workers)) as tx:
             tx.connect(host, port)
             if "ipc" in modes and tx.peer_rows is None:  # CPU, or no peer access
@@ -352,6 +357,9 @@ def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[i
                               "error": f"{type(exc).__name__}: {exc}"})
                         raise
             q.put(("done",))
+            if tx.peer_rows is not None:
+                graphs = {"captured": tx.peer_rows.graphs_captured,
+                          "error": tx.peer_rows.graph_error}
     except Exception:
         if not rows or "error" not in rows[-1]:
             raise
@@ -363,6 +371,7 @@ def measure(device: str, geometry: str, tokens: int, repeat: int, parts: tuple[i
             "tensors": len(spec.tensors), "ucx_workers": workers,
             "pack_programs_per_sm": programs or "default",
             "ipc_programs_per_sm": ipc_programs or "default", "ipc_spread": ipc_spread,
+            "ipc_graphs": ipc_graphs, "ipc_graphs_used": graphs,
             "ceiling": "local memcpy" if device == "cpu" else "peer copy GPU0->GPU1",
             "copies_ceiling_gbps": same_copies, "results": rows}
 
@@ -423,7 +432,8 @@ def run(args: argparse.Namespace) -> int:
         rows_file = Path(args.save) / f"pd-{device}-w{args.workers}-rows.jsonl"
     modes = tuple(m for m in str(args.modes).split(",") if m)
     doc = measure(device, args.geometry, tokens, args.repeat, parts, args.slot_mib, args.workers,
-                  rows_file, args.pack_programs, modes, args.ipc_programs, args.ipc_spread)
+                  rows_file, args.pack_programs, modes, args.ipc_programs, args.ipc_spread,
+                  not args.ipc_direct)
     doc["machine"] = machine(device)
     text = markdown(doc)
     if args.save:

@@ -49,6 +49,8 @@ def _driver() -> Any:
                                             ctypes.c_uint64]
     lib.cuIpcOpenMemHandle_v2.argtypes = [u64p, _Handle, ctypes.c_uint]
     lib.cuIpcCloseMemHandle.argtypes = [ctypes.c_uint64]
+    lib.cuMemcpyHtoDAsync_v2.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t,
+                                         ctypes.c_void_p]
     return lib
 
 
@@ -185,6 +187,13 @@ class PeerMemory:
         self._mapped = {}
 
 
+def upload(dst: int, src: int, nbytes: int, stream: int) -> None:
+    """Enqueue `nbytes` from pinned host memory at `src` to device memory at `dst` on CUDA
+    stream handle `stream`, with the device's context current. One driver call: a few us of
+    CPU where torch's copy_ takes tens, and it can be captured into a CUDA graph."""
+    _check(_driver().cuMemcpyHtoDAsync_v2(dst, src, nbytes, stream), "cuMemcpyHtoDAsync")
+
+
 def open_offer(peer: Offer, device: int) -> PeerMemory | None:
     """Map a peer's offer on local GPU `device` when it can be used from here: same host, the
     peer's GPU visible and reachable by peer access (or the same GPU). None otherwise, or when
@@ -205,4 +214,4 @@ def open_offer(peer: Offer, device: int) -> PeerMemory | None:
 
 
 __all__ = ["Export", "IpcError", "Offer", "PeerMemory", "host_id", "offer", "open_offer",
-           "parse_offer"]
+           "parse_offer", "upload"]

@@ -31,11 +31,14 @@ class IpcSender(PackedSender):
 
     def __init__(self, spec: Any, tensors: Mapping[str, torch.Tensor], fingerprint: bytes,
                  *, ipc: bool = True, ipc_programs_per_sm: float | None = None,
-                 ipc_spread: bool = False, **kwargs: Any) -> None:
+                 ipc_spread: bool = False, ipc_graphs: bool = True, **kwargs: Any) -> None:
         super().__init__(spec, tensors, fingerprint, **kwargs)
         self.ipc_enabled = ipc
-        # the copy kernel's grid and tile order (kvtier.transfer.peer_rows)
+        # the copy kernel's grid and tile order, and whether repeated request shapes replay a
+        # captured CUDA graph (kvtier.transfer.peer_rows)
         self.ipc_programs_per_sm, self.ipc_spread = ipc_programs_per_sm, ipc_spread
+        self.ipc_graphs = ipc_graphs
+        self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # began, done
         self.peer_memory: PeerMemory | None = None
         self.peer_rows: PeerRows | None = None
         self.ipc_unused = "not connected"
@@ -71,7 +74,7 @@ class IpcSender(PackedSender):
             dst[t.name] = mem.base(region) + start
         self.peer_memory = mem
         self.peer_rows = PeerRows(self.plan.spec, self.torch_tensors, dst, self._kernels,
-                                  self.ipc_programs_per_sm, self.ipc_spread)
+                                  self.ipc_programs_per_sm, self.ipc_spread, self.ipc_graphs)
         return ""
 
     def _unmap(self) -> None:
@@ -114,15 +117,19 @@ class IpcSender(PackedSender):
             raise PeerGone(f"request {request_id}: receiver gone before the copy")
         stream = self._stream
         assert stream is not None
+        if self._events is None:  # kept: creating events per request costs CPU too
+            self._events = (torch.cuda.Event(enable_timing=True),
+                            torch.cuda.Event(enable_timing=True))
+        began, done = self._events
         t_checked = time.monotonic()
         with torch.cuda.device(self.device):
             stream.wait_stream(torch.cuda.current_stream(self.device))
+            began.record(stream)
+            t_ordered = time.monotonic()
             with torch.cuda.stream(stream):
-                began = torch.cuda.Event(enable_timing=True)
-                began.record(stream)
                 nbytes = rows.copy(src, dst)
-                done = torch.cuda.Event(enable_timing=True)
-                done.record(stream)
+            t_enqueued = time.monotonic()
+            done.record(stream)
         t_launched = time.monotonic()
         self._wait_until(done.query, request_id, deadline, "copy not done")
         t_copied = time.monotonic()
@@ -134,9 +141,11 @@ class IpcSender(PackedSender):
         except Exception as exc:  # NIXL raises its own error types
             raise PeerGone(f"request {request_id}: cannot notify the receiver: {exc}") from exc
         end = time.monotonic()
-        # where a request's time goes (seconds): checks, launch (tables and kernels enqueued),
-        # wait (until the copy finished), kernel (GPU time of the copy), notify
+        # where a request's time goes (seconds): checks; launch = order (after the caller's
+        # stream) + enqueue (tables and kernels, or a graph replay) + record; wait (until the
+        # copy finished), kernel (GPU time of the copy), notify
         self.last_phases = {"checks": t_checked - start, "launch": t_launched - t_checked,
-                            "wait": t_copied - t_launched,
+                            "order": t_ordered - t_checked, "enqueue": t_enqueued - t_ordered,
+                            "record": t_launched - t_enqueued, "wait": t_copied - t_launched,
                             "kernel": began.elapsed_time(done) / 1e3, "notify": end - t_copied}
         return TransferReport(request_id, nbytes, 0, end - start)

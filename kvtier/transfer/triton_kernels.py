@@ -185,20 +185,22 @@ def copy_plane_rows_kernel(
     src_ids,
     dst_ids,
     n_planes,
-    max_rows,
     ROW: tl.constexpr,
     BLOCK: tl.constexpr,
     ALIGN: tl.constexpr,
     SPREAD: tl.constexpr = False,
 ):
     """Row i < count of plane p: ROW elements from src_base + src_start + src_ids[at + i] * ROW
-    to dst_base + dst_start + dst_ids[at + i] * ROW, where planes[p] = (src_start, dst_start,
-    at, count) in elements / ids (int64). Block ids, not per-row tables, so a request uploads a
-    few KiB however many rows it has. Tiles: n_planes * max_rows * cdiv(ROW, BLOCK), those with
-    i >= count skipped; any grid size from 1 covers them (persistent grid). Tiles run row by
-    row through a plane, or with SPREAD plane by plane through a row (neighbouring programs
-    then write into different tensors)."""
+    to dst_base + dst_start + dst_ids[at + i] * ROW, where planes[0] = max_rows (the widest
+    plane's count) and planes[1 + p] = (src_start, dst_start, at, count), 4 int64 each, in
+    elements / ids. Block ids, not per-row tables, so a request uploads a few KiB however many
+    rows it has; and every count lives in that upload, not in the launch, so one captured CUDA
+    graph serves requests of any length that fit its buffers. Tiles: n_planes * max_rows *
+    cdiv(ROW, BLOCK), those with i >= count skipped; any grid size from 1 covers them
+    (persistent grid). Tiles run row by row through a plane, or with SPREAD plane by plane
+    through a row (neighbouring programs then write into different tensors)."""
     CHUNKS = (ROW + BLOCK - 1) // BLOCK
+    max_rows = tl.load(planes)
     for tile in range(tl.program_id(0), n_planes * max_rows * CHUNKS, tl.num_programs(0)):
         t = tl.cast(tile, tl.int64)  # a plain int under the interpreter
         chunk = t % CHUNKS
@@ -209,11 +211,12 @@ def copy_plane_rows_kernel(
         else:
             i = r % max_rows
             p = r // max_rows
-        count = tl.load(planes + 4 * p + 3)
+        q = planes + 4 * p + 4
+        count = tl.load(q + 3)
         if i < count:
-            at = tl.load(planes + 4 * p + 2) + i
-            s = tl.multiple_of(tl.load(planes + 4 * p) + tl.load(src_ids + at) * ROW, ALIGN)
-            d = tl.multiple_of(tl.load(planes + 4 * p + 1) + tl.load(dst_ids + at) * ROW, ALIGN)
+            at = tl.load(q + 2) + i
+            s = tl.multiple_of(tl.load(q) + tl.load(src_ids + at) * ROW, ALIGN)
+            d = tl.multiple_of(tl.load(q + 1) + tl.load(dst_ids + at) * ROW, ALIGN)
             offs = chunk * BLOCK + tl.arange(0, BLOCK)
             if ROW % BLOCK == 0:
                 tl.store(dst_base + d + offs, tl.load(src_base + s + offs))

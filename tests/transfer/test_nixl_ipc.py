@@ -194,6 +194,37 @@ def test_ipc_between_two_processes_on_one_gpu_bit_exact() -> None:
 
 @pytest.mark.gpu
 @one_gpu
+def test_repeated_request_shapes_replay_a_graph_bit_exact() -> None:
+    """The second request of a shape captures a CUDA graph and later ones replay it, each
+    with its own block ids; a directly launched sender of the same requests is the control."""
+    spec = make_spec("hybrid")
+    src, dst = _moves(spec)
+    moves = [({g: [(b + 3 * k) % spec.num_blocks for b in v] for g, v in src.items()},
+              {g: [(b + 5 * k) % spec.num_blocks for b in v] for g, v in dst.items()})
+             for k in range(4)]
+    for graphs in (True, False):
+        proc, _, out, host, port = _start("hybrid", [(f"g{k}", d) for k, (_, d) in
+                                                     enumerate(moves)], _receiver_gpu())
+        tx, tensors = _sender("hybrid", "cuda:0", ipc_graphs=graphs)
+        try:
+            tx.connect(host, port)
+            assert tx.peer_rows is not None, tx.ipc_unused
+            for k, (s, d) in enumerate(moves):
+                tx.send_ipc(f"g{k}", s, d)
+            status, reports, got = out.get(timeout=120)
+            captured, err = tx.peer_rows.graphs_captured, tx.peer_rows.graph_error
+        finally:
+            tx.close()
+            proc.join(timeout=60)
+        assert status == "ok", reports
+        assert captured == (1 if graphs else 0), err
+        expected = _expected(spec, tensors, moves)
+        for name in got:
+            assert got[name] == bytes(expected[name]), f"graphs={graphs}: {name} differs"
+
+
+@pytest.mark.gpu
+@one_gpu
 def test_receiver_that_offers_nothing_gets_nixl_on_a_gpu() -> None:
     spec = make_spec("plain")
     src, dst = _moves(spec)

@@ -60,11 +60,13 @@ def test_kernel_skips_rows_past_each_planes_count(kernels: ModuleType, spread: b
     row, n = 8, 6  # elements per row, rows per plane
     src = torch.arange(2 * n * row, dtype=torch.int64, device=DEVICE)
     dst = torch.full((2 * n * row,), -1, dtype=torch.int64, device=DEVICE)
-    # plane 0: rows 0..n-1 of the buffer, ids [4, 1]; plane 1: rows n.., ids [0, 2, 5, 3]
-    planes = torch.tensor([0, 0, 0, 2, n * row, n * row, 2, 4], dtype=torch.int64, device=DEVICE)
+    # max_rows 4; plane 0: rows 0..n-1 of the buffer, ids [4, 1]; plane 1: rows n.., ids
+    # [0, 2, 5, 3]
+    planes = torch.tensor([4, 0, 0, 0, 0, 0, 0, 2, n * row, n * row, 2, 4], dtype=torch.int64,
+                          device=DEVICE)
     s_ids = torch.tensor([4, 1, 0, 2, 5, 3], dtype=torch.int64, device=DEVICE)
     d_ids = torch.tensor([0, 5, 3, 1, 4, 2], dtype=torch.int64, device=DEVICE)
-    kernels.copy_plane_rows_kernel[(3,)](src, dst, planes, s_ids, d_ids, 2, 4, ROW=row,
+    kernels.copy_plane_rows_kernel[(3,)](src, dst, planes, s_ids, d_ids, 2, ROW=row,
                                          BLOCK=4, ALIGN=1, SPREAD=spread)
     want = torch.full_like(dst, -1).view(2, n, row)
     view = src.view(2, n, row)
@@ -87,3 +89,28 @@ def test_one_rows_object_serves_requests_of_growing_size(kernels: ModuleType) ->
         torch.cuda.synchronize()
     for name in src:
         assert torch.equal(fast[name], ref[name]), name
+
+
+@pytest.mark.parametrize("kind", ["plain_kv_split", "hybrid"])
+def test_a_replayed_graph_copies_each_requests_own_rows(kernels: ModuleType, kind: str) -> None:
+    """A shape seen a second time is captured as a CUDA graph and replayed after that (on a
+    GPU; the interpreter always launches directly). Requests of different lengths share one
+    graph: a shorter one after a longer must copy its own rows only, not the longer one's
+    stale ids."""
+    spec = _spec(kind)
+    src = _tensors(spec, 1)
+    fast, ref = _tensors(spec, 2), _tensors(spec, 2)
+    rows = PeerRows(spec, src, {k: int(v.data_ptr()) for k, v in fast.items()}, kernels)
+    groups = range(len(spec.groups))
+    # 4 then 3 blocks per group share ids capacity and (rounded) grid: one graph key
+    for i, n in enumerate([4, 3, 4, 3, 3]):
+        # distinct ids across groups (a hybrid model's groups share tensors), new each time
+        s = {g: [(g * 5 + j + i * 3) % spec.num_blocks for j in range(n)] for g in groups}
+        d = {g: [(b + i * 7) % spec.num_blocks for b in s[g]] for g in groups}
+        moved = rows.copy(s, d)
+        assert moved == copy_rows_torch(spec, src, ref, s, d)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        for name in src:
+            assert torch.equal(fast[name], ref[name]), (i, name)
+    assert rows.graphs_captured == (1 if DEVICE == "cuda" else 0), rows.graph_error
