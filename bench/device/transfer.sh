@@ -49,7 +49,7 @@ for f in sorted(out.glob("bench-*.json")):
     if r.get("mode") != "gpu":
         print(f"{m['geometry']:18} {m['item_bytes']:>6} (no GPU) cpu path vs memcpy: {json.dumps(r.get('ratios'))}")
         continue
-    print(f"{m['geometry']:18} {m['item_bytes']:>6} {'ceiling d2h/h2d/bidir':34} {c['d2h']:10.1f} {c['h2d']:10.1f} {c['bidir']:10.1f}")
+    print(f"{m['geometry'] + '/' + r.get('slots', 'random'):18} {m['item_bytes']:>6} {'ceiling d2h/h2d/bidir':34} {c['d2h']:10.1f} {c['h2d']:10.1f} {c['bidir']:10.1f}")
     for name, ops in r.get("baselines", {}).items():
         rat = r["baseline_ratios"][name]
         cell = lambda op: f"{ops[op]:5.1f}/{rat[op]:.2f}" if op in ops else "      -"
@@ -73,18 +73,24 @@ PYEOF
 FAST_PATHS=auto,auto+threads,staged-batch,staged-batch+threads,staged,triton,torch
 ALL_PATHS="$FAST_PATHS,staged-batch-b3,staged-c8m,staged-c64m,store-staged+load-triton,dma,triton-grid-full,triton-cta2,triton-cta8,store-triton+load-torch,store-torch+load-triton"
 if [ "${ALL:-0}" = 1 ]; then PATHS="$ALL_PATHS"; else PATHS="${PATHS:-$FAST_PATHS}"; fi
-part gpu-tests 100 "$PY" -m pytest -m gpu tests/transfer/test_transfer_gpu.py -q -p no:cacheprovider --timeout 90 -o addopts="" -rfE
+part gpu-tests "${TEST_LIMIT:-100}" "$PY" -m pytest -m gpu tests/transfer/test_transfer_gpu.py -q -p no:cacheprovider --timeout 90 -o addopts="" -rfE
 if [ "${SWEEP:-0}" = 1 ]; then
   part sweep 120 "$PY" bench/device/transfer_sweep.py "$OUT"
   # the engine's "auto" path in the benches below uses the freshly measured thresholds
   if [ -s "$OUT/thresholds.json" ]; then cp "$OUT/thresholds.json" kvtier/transfer/thresholds.json; fi
 fi
-# the goal geometry first; the bench writes bench-$geo.json after every step (--out)
-for geo in llama3-8b llama3-70b-tp8 llama3-70b-tp4 deepseek-v3-mla; do
-  part "bench-$geo" 110 "$PY" -m kvtier.cli.main bench transfer --geometry "$geo" \
-    --pages "${PAGES:-512}" --reps "${REPS:-7}" --paths "$PATHS" --sweep-convert \
-    --out "$OUT/bench-$geo.json"
-  summarize
+# the goal geometry first; the bench writes bench-$geo.json after every step (--out).
+# GEOS picks geometries; SLOTS="random pool" also measures jobs whose host slots are what the
+# pool allocates (ascending runs) next to random ones (bench-$geo-pool.json).
+for geo in ${GEOS:-llama3-8b llama3-70b-tp8 llama3-70b-tp4 deepseek-v3-mla}; do
+  for slots in ${SLOTS:-random}; do
+    name="bench-$geo"; [ "$slots" = random ] || name="bench-$geo-$slots"
+    conv=--sweep-convert; [ "$slots" = random ] || conv=
+    part "$name" 110 "$PY" -m kvtier.cli.main bench transfer --geometry "$geo" \
+      --pages "${PAGES:-512}" --reps "${REPS:-7}" --paths "$PATHS" $conv --slots "$slots" \
+      --out "$OUT/$name.json"
+    summarize
+  done
 done
 
 summarize

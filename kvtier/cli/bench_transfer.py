@@ -77,6 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sweep-convert", action="store_true", help="GPU: time several Triton conversion tiles"
     )
+    parser.add_argument(
+        "--slots", choices=["random", "pool"], default="random",
+        help="GPU: host slots of a job: random, or as the pool allocates them (ascending runs)",
+    )
     parser.add_argument("--cpu", action="store_true", help="measure the CPU path even on a GPU")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -197,17 +201,19 @@ def run_gpu(
     paths: list[str],
     emit: Callable[[dict[str, Any]], None] = lambda res: None,
     sweep_convert: bool = False,
+    slots: str = "random",
 ) -> dict[str, Any]:
     """Every GPU measurement; `emit(res)` runs after each step, so a run cut short keeps what it
     measured. A wrong byte is recorded under errors as WRONG and sets res["wrong"]."""
     from kvtier.cli import bench_transfer_gpu as gb
     from kvtier.cli.bench_convert_gpu import conversion_rates
 
-    st = gb.make_setup(g, pages)
+    st = gb.make_setup(g, pages, slots=slots)
     ceilings = gb.Ceilings(st.nbytes)
     ceil = ceilings.rates(reps)
     res: dict[str, Any] = {
         "mode": "gpu",
+        "slots": slots,
         "ceiling": ceil,
         "one_way_ceiling": min(ceil["d2h"], ceil["h2d"]),
         "ratio_method": "median of per-pair ratios (each run paired with a ceiling copy)",
@@ -295,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
 
     if torch.cuda.is_available() and not args.cpu:
         paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-        res = run_gpu(g, pages, args.reps, paths, emit, args.sweep_convert)
+        res = run_gpu(g, pages, args.reps, paths, emit, args.sweep_convert, args.slots)
     else:
         res = run_cpu(g, pages, args.reps)
     res["meta"] = meta

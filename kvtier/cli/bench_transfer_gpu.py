@@ -46,9 +46,11 @@ class Setup:
         return self.pages * self.g.page_bytes
 
 
-def make_setup(g: KVGeometry, pages: int, seed: int = 0) -> Setup:
+def make_setup(g: KVGeometry, pages: int, seed: int = 0, slots: str = "random") -> Setup:
     """vLLM-style per-layer caches with 2N + 8 blocks of random data, a pinned pool of 2N slots,
-    and two disjoint random (blocks, slots) sets of N pages each."""
+    and two disjoint (random blocks, slots) sets of N pages each. `slots`: "random" (a
+    fragmented pool: no two consecutive), or "pool" (what HostPool.alloc hands out: a fresh
+    pool's ascending runs)."""
     gen = torch.Generator().manual_seed(seed)
     nb = 2 * pages + 8
     dev = torch.device("cuda")
@@ -67,6 +69,12 @@ def make_setup(g: KVGeometry, pages: int, seed: int = 0) -> Setup:
     pool = HostPool(2 * pages, g.page_bytes, pin=True)
     perm = torch.randperm(nb, generator=gen)
     sperm = torch.randperm(2 * pages, generator=gen)
+    if slots == "pool":
+        taken = pool.alloc(2 * pages)  # a fresh pool: 0, 1, 2, ... (store a, then load b)
+        assert taken is not None
+        sperm = torch.tensor(taken)
+    elif slots != "random":
+        raise ValueError(f"slots: 'random' or 'pool', not {slots!r}")
     return Setup(
         g,
         pages,

@@ -1,7 +1,10 @@
 """The copy engine: asynchronous page stores (device -> host slots) and loads (host -> device).
 
 A job moves whole pages: page i is made of the engine blocks `blocks[i]` (page_size //
-block_size of them) and lives in host slot `slots[i]` as a canonical PAGE_FIRST payload.
+block_size of them) and lives in host slot `slots[i]` as a canonical PAGE_FIRST payload. A
+store defines its slots' payloads only: the staged path moves pages in consecutive slots as
+one copy, which also writes the padding and header bytes between them (the owner writes a
+slot's header after its store, when sealing it). Other slots are never touched.
 
 Ordering on a GPU. A store runs on the engine's store stream, which first waits on an event
 recorded on the caller's current stream at submit: it never reads a block the compute stream is

@@ -98,7 +98,9 @@ class StagedPath:
         d = self._dirs.get(op)
         if d is None:
             size = -(-self.chunk_bytes // 256) * 256  # every buffer starts 256-byte aligned
-            bufs = torch.empty((self.num_buffers, size), dtype=torch.uint8, device=self.dkv.device)
+            # zeroed: the bytes between page images (Layout.gap) go out with a store's copies,
+            # into the padding and headers of the slots it fills (unsealed until it is done)
+            bufs = torch.zeros((self.num_buffers, size), dtype=torch.uint8, device=self.dkv.device)
             stream = torch.cuda.Stream(self.dkv.device) if self.on_gpu else None
             ev = [torch.cuda.Event() for _ in range(self.num_buffers)] if self.on_gpu else []
             ev2 = [torch.cuda.Event() for _ in range(self.num_buffers)] if self.on_gpu else []
@@ -110,8 +112,16 @@ class StagedPath:
         """Bytes of staging memory allocated so far (both directions)."""
         return sum(d.buffers.numel() * d.buffers.element_size() for d in self._dirs.values())
 
+    def layout(self, planes: Sequence[int]) -> Layout:
+        """Staging layout of `planes`: whole pages one host slot apart (Layout.gap) where a
+        chunk holds two slots or more (copies never merge across chunks)."""
+        if self.chunk_bytes < 2 * self.pool.slot_bytes:
+            return group_layout(planes, self.plane_bytes)
+        return group_layout(planes, self.plane_bytes, self.pool.slot_bytes,
+                            self.pool.payload_bytes)
+
     def pages_per_chunk(self, planes: Sequence[int]) -> int:
-        return self.chunk_bytes // group_layout(planes, self.plane_bytes).stride
+        return self.chunk_bytes // self.layout(planes).stride
 
     def _offsets(self, pages: int, stride: int, p0: int) -> torch.Tensor:  # cached per shape
         """Element offset of each page image in a buffer, shifted so that plane p sits at
@@ -139,7 +149,9 @@ class StagedPath:
             self.kernel(to_staging, blocks, self._offsets(pages, lay.stride, lay.p0), planes, buf)
             return
         n, be = self.dkv.blocks_per_page, self.dkv.block_elems
-        view = buf[: pages * lay.stride].view(self.elem).view(pages, lay.span, n, be)
+        image = lay.span * self.plane_bytes
+        view = buf[: pages * lay.stride].view(pages, lay.stride)[:, :image].view(self.elem)
+        view = view.view(pages, lay.span, n, be)
         for p in planes:
             plane = self.dkv.planes[p].view(self.elem)
             rows = view[:, p - lay.p0]  # [pages, n, be], a strided view into the buffer
@@ -192,7 +204,7 @@ class StagedPath:
         if not planes or slots.numel() == 0:
             return []
         d = self._direction(op)
-        lay = group_layout(planes, self.plane_bytes)
+        lay = self.layout(planes)
         n = self.dkv.blocks_per_page
         flat = blocks.reshape(-1) if blocks_dev is None else blocks_dev.reshape(-1)
         flat = flat.to(self.dkv.device, non_blocking=True)

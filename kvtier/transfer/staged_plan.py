@@ -10,14 +10,17 @@ import numpy as np
 
 
 class Layout(NamedTuple):
-    """Staging layout of one plane group: planes p0 .. p0 + span - 1 of each page back to back
-    (`stride` bytes per page image); `runs` are the (first plane, plane count) runs of the group
-    that are copied (consecutive planes merged)."""
+    """Staging layout of one plane group: planes p0 .. p0 + span - 1 of each page, page images
+    `stride` bytes apart; `runs` are the (first plane, plane count) runs of the group that are
+    copied (consecutive planes merged). `gap` > 0 (whole pages only): images sit one host slot
+    apart, so pages in consecutive slots move as one copy that carries the `gap` bytes between
+    two payloads (a slot's padding and the next slot's header) along."""
 
     p0: int
     span: int
     stride: int
     runs: tuple[tuple[int, int], ...]
+    gap: int = 0
 
 
 def plane_runs(planes: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -31,11 +34,20 @@ def plane_runs(planes: Sequence[int]) -> tuple[tuple[int, int], ...]:
     return tuple(runs)
 
 
-def group_layout(planes: Sequence[int], plane_bytes: int) -> Layout:
+def group_layout(planes: Sequence[int], plane_bytes: int, slot_bytes: int = 0,
+                 payload_bytes: int = 0) -> Layout:
+    """The layout of `planes`. Given the pool's slot and payload sizes, a group covering whole
+    payloads is laid out one slot per page image (see Layout.gap), where the gap is at most
+    1/16 of a payload: one copy per run of consecutive slots instead of one per page, for a
+    few percent more bytes at most."""
     runs = plane_runs(sorted(planes))
     p0 = runs[0][0]
     span = runs[-1][0] + runs[-1][1] - p0
-    return Layout(p0, span, span * plane_bytes, runs)
+    image = span * plane_bytes
+    gap = slot_bytes - image
+    if len(runs) == 1 and image == payload_bytes and gap > 0 and 16 * gap <= image:
+        return Layout(p0, span, slot_bytes, runs, gap)
+    return Layout(p0, span, image, runs)
 
 
 def chunk_bounds(n_pages: int, pages_per_chunk: int) -> list[tuple[int, int]]:
@@ -110,9 +122,11 @@ def _runs(
     size = np.broadcast_to(sizes, (s.shape[0], sizes.shape[1])).reshape(-1)
     if host.size == 0:
         return host, stage, size.copy(), np.zeros(0, dtype=np.int64)
+    # merged: adjacent on both sides, or (whole-page layouts) one slot gap apart on both
+    dh = host[1:] - (host[:-1] + size[:-1])
     cont = np.zeros(host.size, dtype=bool)
-    cont[1:] = (host[1:] == host[:-1] + size[:-1]) & (stage[1:] == stage[:-1] + size[:-1])
+    cont[1:] = (dh == stage[1:] - (stage[:-1] + size[:-1])) & ((dh == 0) | (dh == layout.gap))
     first = np.flatnonzero(~cont)
-    group = np.cumsum(~cont) - 1
-    merged = np.bincount(group, weights=size, minlength=first.size).astype(np.int64)
+    last = np.append(first[1:], host.size) - 1
+    merged = host[last] + size[last] - host[first]
     return host[first], stage[first], merged, first

@@ -47,6 +47,7 @@ def _compare(
     buffers: int = 2,
     layerwise: bool = False,
     ascending: bool = False,
+    consecutive: bool = False,
 ) -> None:
     """Store then load random pages through the staged engine and the CPU engine on two copies
     of the same data; every host byte and every engine byte must match."""
@@ -67,9 +68,19 @@ def _compare(
     blocks = torch.tensor(flat).view(pages, n)
     slots = sorted(rng.sample(range(num_slots), pages)) if ascending else None
     slots = slots or rng.sample(range(num_slots), pages)
+    slots = list(range(2, 2 + pages)) if consecutive else slots
     for eng in (staged, ref):
         assert eng.wait(eng.submit_store(blocks, slots)).success
-    assert torch.equal(pool_a.tensor, pool_b.tensor), f"store {kind}"
+    mine = torch.zeros(num_slots, dtype=torch.bool)
+    mine[slots] = True
+    if staged._staged.layout(range(dkv_a.num_planes)).gap:
+        # pages in consecutive slots went out as one copy: the payloads are exact, the padding
+        # and headers of the job's own slots undefined (written when sealed); nothing else
+        # may change
+        assert torch.equal(pool_a.payloads()[slots], pool_b.payloads()[slots]), kind
+        assert torch.equal(pool_a.tensor[~mine], pool_b.tensor[~mine]), f"other slots {kind}"
+    else:
+        assert torch.equal(pool_a.tensor, pool_b.tensor), f"store {kind}"
     noise = torch.randint(0, 256, pool_a.payloads()[slots].shape, dtype=torch.uint8)
     for p in (pool_a, pool_b):
         p.payloads()[slots] = noise
@@ -112,6 +123,26 @@ def test_staged_ascending_slots_and_buffers(buffers: int) -> None:
     _compare("vllm", MHA, 8, seed=9, buffers=buffers, ascending=True)
 
 
+# 64 KiB pages: slots of 68 KiB, small enough a gap for whole pages to move one slot apart
+BIG = KVGeometry(8, 2, 64, 16, "bfloat16")
+
+
+@pytest.mark.parametrize("kind", ["vllm", "cross_layer", "sglang"])
+@pytest.mark.parametrize("chunk_pages", [1, 2.5, 100])  # 1: one page a chunk, no gap
+def test_staged_whole_pages_in_consecutive_slots(kind: str, chunk_pages: float) -> None:
+    """Pages in consecutive slots move as one copy per chunk (Layout.gap); stored payloads,
+    loaded blocks and every byte outside the job's slots still match the CPU path."""
+    dkv, _, _ = build(kind, BIG, 16, 8)
+    pool = HostPool(4, BIG.page_bytes, pin=False)
+    path = CopyEngine(dkv, pool, path="staged")._staged  # default chunks: many pages
+    lay = path.layout(range(dkv.num_planes))
+    assert lay.gap == pool.slot_bytes - BIG.page_bytes > 0 and lay.stride == pool.slot_bytes
+    jc = job_copies(np.arange(2, 8), lay, path.plane_bytes, pool.slot_bytes, 64, 3)
+    assert jc.size.tolist() == [3 * pool.slot_bytes - lay.gap] * 2  # one copy per chunk
+    _compare(kind, BIG, 16, seed=4, chunk_pages=chunk_pages, consecutive=True)
+    _compare(kind, BIG, 16, seed=5, chunk_pages=chunk_pages, ascending=True)
+
+
 @settings(max_examples=20, deadline=None)
 @given(
     layers=st.integers(1, 4),
@@ -149,6 +180,17 @@ def test_planner_pieces() -> None:
     host, stage, size = copy_runs(np.array([0]), gap, 100, 1000, 0)
     assert host.tolist() == [0, 400] and stage.tolist() == [0, 400]
     assert size.tolist() == [200, 200]
+    # whole 800-byte payloads in 848-byte slots (header 48): images one slot apart, and
+    # pages in consecutive slots one copy with the 48 bytes between payloads
+    whole = group_layout(range(8), 100, 848, 800)
+    assert (whole.stride, whole.gap) == (848, 48)
+    host, stage, size = copy_runs(np.array([5, 6, 7, 2]), whole, 100, 848, 48)
+    assert host.tolist() == [5 * 848 + 48, 2 * 848 + 48] and stage.tolist() == [0, 3 * 848]
+    assert size.tolist() == [3 * 848 - 48, 800]
+    # a gap over 1/16 of a payload, a partial group, or no pool sizes: images back to back
+    assert group_layout(range(8), 100, 900, 800).gap == 0
+    assert group_layout(range(7), 100, 848, 800).gap == 0
+    assert group_layout(range(8), 100).stride == 800
 
 
 @settings(max_examples=200, deadline=None)
@@ -157,14 +199,15 @@ def test_planner_pieces() -> None:
     n=st.integers(0, 20),
     ppc=st.integers(1, 6),
     contiguous=st.booleans(),
-    header=st.sampled_from([0, 64]),
+    header=st.sampled_from([0, 48, 64]),
+    whole=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_job_copies_match_per_chunk_copy_runs(
-    planes: set[int], n: int, ppc: int, contiguous: bool, header: int, seed: int
+    planes: set[int], n: int, ppc: int, contiguous: bool, header: int, whole: bool, seed: int
 ) -> None:
-    lay = group_layout(sorted(planes), 100)
     slot_bytes = 800 + header
+    lay = group_layout(sorted(set(range(8)) if whole else planes), 100, slot_bytes, 800)
     rng = np.random.default_rng(seed)
     slots = np.arange(n) + 3 if contiguous else rng.permutation(40)[:n]
     jc = job_copies(slots, lay, 100, slot_bytes, header, ppc)
@@ -174,6 +217,17 @@ def test_job_copies_match_per_chunk_copy_runs(
         want = copy_runs(slots[lo:hi], lay, 100, slot_bytes, header)
         for got, exp in zip((jc.host[a:b], jc.stage[a:b], jc.size[a:b]), want):
             assert np.array_equal(got, exp), c
+        # independently: every planned plane of the chunk's pages lies inside one copy that
+        # maps it to its staging place, and no copy reaches a slot outside the chunk's
+        mine = set(slots[lo:hi].tolist())
+        for h, _, sz in zip(*(w.tolist() for w in want)):
+            assert set(range(h // slot_bytes, (h + sz - 1) // slot_bytes + 1)) <= mine, c
+        for i, s_ in enumerate(slots[lo:hi].tolist()):
+            for q, k in lay.runs:
+                at = s_ * slot_bytes + header + q * 100
+                shift = i * lay.stride + (q - lay.p0) * 100 - at
+                assert any(h <= at and at + k * 100 <= h + sz and st_ - h == shift
+                           for h, st_, sz in zip(*(w.tolist() for w in want))), (c, i, q)
 
 
 def test_auto_choice_and_config() -> None:
