@@ -30,7 +30,7 @@ part() {  # part NAME TIMEOUT CMD...
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
-  git rev-parse --short HEAD 2>/dev/null; date -u +%FT%TZ; } > "$OUT/env.txt" 2>&1
+  echo "${KVTIER_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"; date -u +%FT%TZ; } > "$OUT/env.txt" 2>&1
 "$PY" -m pip install -e . --no-deps --no-build-isolation -q > "$OUT/install.txt" 2>&1 || echo "pip install -e failed (see install.txt); using PYTHONPATH" >> "$OUT/install.txt"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
