@@ -217,6 +217,9 @@ def copy_plane_rows_kernel(
             at = tl.load(q + 2) + i
             s = tl.multiple_of(tl.load(q) + tl.load(src_ids + at) * ROW, ALIGN)
             d = tl.multiple_of(tl.load(q + 1) + tl.load(dst_ids + at) * ROW, ALIGN)
+            # the same masked tail as copy_rows_kernel, written out: moved into a shared
+            # @triton.jit helper it compiled to scalar loads and stores (a helper's arguments
+            # lose the base pointers' 16-byte divisibility; PTX checked on an H100)
             offs = chunk * BLOCK + tl.arange(0, BLOCK)
             if ROW % BLOCK == 0:
                 tl.store(dst_base + d + offs, tl.load(src_base + s + offs))

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_nixl_transport import CTX, FP, POISON, _expected, make_spec
+from test_nixl_transport import CTX, FP, _expected, make_spec, poisoned_tensors, serve
 
 from kvtier.errors import ConfigError
 from kvtier.transfer.cuda_ipc import host_id, offer, parse_offer
@@ -71,23 +71,10 @@ class _LyingReceiver(PackedReceiver):
 def _receiver(kind: str, requests: list, q: Any, out: Any, device: str, ipc: bool,
               linger: float = 0.5, lying: bool = False) -> None:
     spec = make_spec(kind)
-    if device != "cpu":
-        torch.cuda.set_device(device)
-    tensors = {t.name: torch.full((t.size_bytes,), POISON, dtype=torch.uint8, device=device)
-               for t in spec.tensors}
+    tensors = poisoned_tensors(spec, device)
     cls = _LyingReceiver if lying else PackedReceiver
     rx = cls(spec, tensors, FP, slot_bytes=4 * spec.block_bytes(0), slots=2, timeout=20, ipc=ipc)
-    q.put(rx.listen())
-    try:
-        rx.accept()
-        q.put("accepted")
-        reports = [rx.wait(req, blocks, timeout=20) for req, blocks in requests]
-        out.put(("ok", [(r.nbytes, r.descriptors) for r in reports],
-                 {k: v.cpu().numpy().tobytes() for k, v in tensors.items()}))
-    except Exception as exc:
-        out.put(("error", f"{type(exc).__name__}: {exc}", {}))
-    time.sleep(linger)
-    rx.close()
+    serve(rx, tensors, requests, q, out, linger)
 
 
 def _start(kind: str, requests: list, device: str = "cpu", ipc: bool = True, **kw: Any):
@@ -171,7 +158,7 @@ def _ipc_round(kind: str, rx_device: str, tx_device: str) -> None:
     finally:
         tx.close()
         proc.join(timeout=60)
-    assert status == "ok", reports
+    assert status == "ok", (reports, got)
     total = sum(spec.request_block_bytes(g) * len(v) for g, v in src.items())
     assert rep.descriptors == 0 and reports == [(total, 0), (spec.request_block_bytes(0), 0)]
     expected = _expected(spec, tensors, [(src, dst), again])
@@ -216,7 +203,7 @@ def test_repeated_request_shapes_replay_a_graph_bit_exact() -> None:
         finally:
             tx.close()
             proc.join(timeout=60)
-        assert status == "ok", reports
+        assert status == "ok", (reports, got)
         assert captured == (1 if graphs else 0), err
         expected = _expected(spec, tensors, moves)
         for name in got:

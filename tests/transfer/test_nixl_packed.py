@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_nixl_transport import CTX, FP, POISON, _expected, make_spec, two_gpus
+from test_nixl_transport import CTX, FP, _expected, make_spec, poisoned_tensors, two_gpus
 
 from kvtier.errors import ConfigError
 from kvtier.transfer.handshake import PeerGone, TransferError, TransferTimeout
@@ -64,10 +64,7 @@ def test_a_row_larger_than_a_slot_is_a_config_error() -> None:
 def _receiver(kind: str, requests: list, q: Any, out: Any, slot_bytes: int,
               device: str = "cpu") -> None:
     spec = make_spec(kind)
-    if device != "cpu":
-        torch.cuda.set_device(device)
-    tensors = {t.name: torch.full((t.size_bytes,), POISON, dtype=torch.uint8, device=device)
-               for t in spec.tensors}
+    tensors = poisoned_tensors(spec, device)
     rx = PackedReceiver(spec, tensors, FP, slot_bytes=slot_bytes, slots=2, timeout=20)
     q.put(rx.listen())
     try:

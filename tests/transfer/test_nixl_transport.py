@@ -44,14 +44,19 @@ def make_spec(kind: str, num_blocks: int = 24) -> KVCacheSpec:
     raise ValueError(kind)
 
 
-def _receiver(kind: str, fp: bytes, requests: list, q: Any, out: Any, linger: float,
-              device: str = "cpu") -> None:
-    spec = make_spec(kind)
+def poisoned_tensors(spec: KVCacheSpec, device: str) -> dict[str, torch.Tensor]:
+    """A receiver's KV tensors on `device` (made the current one), POISON in every byte."""
     if device != "cpu":
         torch.cuda.set_device(device)
-    tensors = {t.name: torch.full((t.size_bytes,), POISON, dtype=torch.uint8, device=device)
-               for t in spec.tensors}
-    rx = KVReceiver(spec, {k: TensorMemory.of(v) for k, v in tensors.items()}, fp, timeout=20)
+    return {t.name: torch.full((t.size_bytes,), POISON, dtype=torch.uint8, device=device)
+            for t in spec.tensors}
+
+
+def serve(rx: Any, tensors: dict[str, torch.Tensor], requests: list, q: Any, out: Any,
+          linger: float) -> None:
+    """Accept one sender (q gets the address, then "accepted"), wait for `requests` in order,
+    then put ("ok", [(nbytes, descriptors)], final bytes per tensor) or ("error", exception
+    type, message) on `out`; close after `linger` seconds."""
     q.put(rx.listen())
     try:
         rx.accept()
@@ -63,6 +68,14 @@ def _receiver(kind: str, fp: bytes, requests: list, q: Any, out: Any, linger: fl
         out.put(("error", type(exc).__name__, str(exc)))
     time.sleep(linger)
     rx.close()
+
+
+def _receiver(kind: str, fp: bytes, requests: list, q: Any, out: Any, linger: float,
+              device: str = "cpu") -> None:
+    spec = make_spec(kind)
+    tensors = poisoned_tensors(spec, device)
+    rx = KVReceiver(spec, {k: TensorMemory.of(v) for k, v in tensors.items()}, fp, timeout=20)
+    serve(rx, tensors, requests, q, out, linger)
 
 
 def _start_receiver(kind: str, fp: bytes, requests: list, linger: float = 0.0,

@@ -137,7 +137,8 @@ def test_staged_whole_pages_in_consecutive_slots(kind: str, chunk_pages: float) 
     path = CopyEngine(dkv, pool, path="staged")._staged  # default chunks: many pages
     lay = path.layout(range(dkv.num_planes))
     assert lay.gap == pool.slot_bytes - BIG.page_bytes > 0 and lay.stride == pool.slot_bytes
-    jc = job_copies(np.arange(2, 8), lay, path.plane_bytes, pool.slot_bytes, 64, 3)
+    jc = job_copies(np.arange(2, 8), lay, path.plane_bytes, pool.slot_bytes,
+                    pool.payload_offset, 3)
     assert jc.size.tolist() == [3 * pool.slot_bytes - lay.gap] * 2  # one copy per chunk
     _compare(kind, BIG, 16, seed=4, chunk_pages=chunk_pages, consecutive=True)
     _compare(kind, BIG, 16, seed=5, chunk_pages=chunk_pages, ascending=True)
