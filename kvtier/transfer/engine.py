@@ -27,6 +27,7 @@ never serves that page); it is logged once per distinct error, never raised from
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -42,8 +43,8 @@ from kvtier.transfer.device_kv import DeviceKV
 from kvtier.transfer.gpu_enqueue import GPUEnqueuer
 from kvtier.transfer.gpu_paths import GPUPaths
 from kvtier.transfer.job_args import normalize_job_args
-from kvtier.transfer.staged import make_staged
-from kvtier.transfer.staged_plan import group_layout
+from kvtier.transfer.staged_plan import plane_runs
+from kvtier.transfer.staged_setup import make_staged
 from kvtier.transfer.submit_worker import SubmitWorker
 from kvtier.transfer.thresholds import Thresholds
 from kvtier.transfer.torch_path import host_planes
@@ -52,6 +53,13 @@ log = logging.getLogger(__name__)
 
 ENGINE_PATHS = ("auto", "cpu", "torch", "triton", "dma", "staged")
 _CPU_PATHS = ("auto", "cpu", "staged")
+
+
+@functools.lru_cache(maxsize=64)
+def _shortest_run(groups: tuple[tuple[int, ...], ...]) -> int:
+    """Planes in the shortest run of consecutive planes of any group (cached: a job's groups
+    repeat, and a submit is on its copies' critical path)."""
+    return min(k for gr in groups if gr for _, k in plane_runs(sorted(gr)))
 
 
 class CopyEngine:
@@ -137,8 +145,7 @@ class CopyEngine:
         total = n_pages * sum(len(gr) for gr in groups) * plane_bytes
         if total < st.min_job_bytes or not any(groups):
             return False
-        runs = [k for gr in groups if gr for _, k in group_layout(gr, plane_bytes).runs]
-        return min(runs) * plane_bytes >= st.min_run_bytes
+        return _shortest_run(tuple(map(tuple, groups))) * plane_bytes >= st.min_run_bytes
 
     # -- submit ------------------------------------------------------------------------------
     def submit_store(

@@ -25,20 +25,19 @@ import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from kvtier.memory.host_pool import HostPool
 from kvtier.transfer.device_kv import DeviceKV
-from kvtier.transfer.gpu_paths import GPUPaths
 from kvtier.transfer.staged_plan import JobCopies, Layout, chunk_bounds, group_layout, job_copies
-from kvtier.transfer.thresholds import Staged
 from kvtier.transfer.torch_path import move_dtype
 
 # kernel(to_staging, blocks_dev [pages * n] int64, page_off_dev [pages] int64 offsets of each
-# page image in `base` (uint8 staging buffer) in units of the kernel's element size, planes,
-# base) enqueues the gather (True) or scatter (False) on the current stream.
+# page image in `base` (staging buffer, in the kernel's element type) in those elements,
+# planes, base) enqueues the gather (True) or scatter (False) on the current stream.
 Kernel = Callable[[bool, torch.Tensor, torch.Tensor, Sequence[int], torch.Tensor], None]
 # copy(dsts, srcs, sizes, stream handle) enqueues byte copies between absolute addresses.
 Copier = Callable[[np.ndarray, np.ndarray, np.ndarray, int], None]
@@ -53,7 +52,33 @@ class _Direction:
     filled: list[torch.cuda.Event]
     free: list[torch.cuda.Event]
     lock: threading.Lock
+    views: list[torch.Tensor]  # buffers[b], made once (a tensor index costs microseconds)
+    kviews: list[torch.Tensor]  # the same in the kernel's element type
+    addrs: np.ndarray  # [B] int64 address of each buffer
     next_buf: int = 0
+
+
+class _Addresses(NamedTuple):
+    """A job's host copies as the driver takes them: copy j moves size[j] bytes from src[j]
+    to dst[j] (uint64 addresses); chunk c's copies are [bounds[c], bounds[c + 1])."""
+
+    dst: np.ndarray
+    src: np.ndarray
+    size: np.ndarray
+    bounds: list[int]
+
+
+class _Run(NamedTuple):
+    """What every chunk of one job group shares."""
+
+    op: str
+    d: _Direction
+    main: torch.cuda.Stream | None
+    planes: Sequence[int]
+    lay: Layout
+    addr: _Addresses | None
+    handle: int  # main's CUstream handle (0 on the CPU)
+    dstream: int  # the direction's DMA stream handle (0 on the CPU)
 
 
 class StagedPath:
@@ -104,7 +129,10 @@ class StagedPath:
             stream = torch.cuda.Stream(self.dkv.device) if self.on_gpu else None
             ev = [torch.cuda.Event() for _ in range(self.num_buffers)] if self.on_gpu else []
             ev2 = [torch.cuda.Event() for _ in range(self.num_buffers)] if self.on_gpu else []
-            d = _Direction(bufs, stream, ev, ev2, threading.Lock())
+            views = [bufs[b] for b in range(self.num_buffers)]
+            addrs = np.array([v.data_ptr() for v in views], dtype=np.int64)
+            kviews = [v.view(move_dtype(self.unit)) for v in views]
+            d = _Direction(bufs, stream, ev, ev2, threading.Lock(), views, kviews, addrs)
             self._dirs[op] = d
         return d
 
@@ -143,10 +171,15 @@ class StagedPath:
         buf: torch.Tensor,
         planes: Sequence[int],
         lay: Layout,
+        kbuf: torch.Tensor | None = None,
     ) -> None:
+        """Gather (to_staging) or scatter the chunk's pages between the planes and `buf`
+        (`kbuf`: the same buffer in the kernel's element type)."""
         pages = blocks.numel() // self.dkv.blocks_per_page
         if self.kernel is not None:
-            self.kernel(to_staging, blocks, self._offsets(pages, lay.stride, lay.p0), planes, buf)
+            kbuf = buf if kbuf is None else kbuf
+            off = self._offsets(pages, lay.stride, lay.p0)
+            self.kernel(to_staging, blocks, off, planes, kbuf)
             return
         n, be = self.dkv.blocks_per_page, self.dkv.block_elems
         image = lay.span * self.plane_bytes
@@ -168,18 +201,10 @@ class StagedPath:
         buf: torch.Tensor,
         stream: torch.cuda.Stream | None,
     ) -> None:
-        """Enqueue chunk c's host copies between the pool and `buf` on `stream` (None: the
-        current one). Driver copies take the stream's handle, so no stream context is entered
-        (~10 us per chunk)."""
+        """Chunk c's host copies between the pool and `buf` as tensor copies on `stream` (None:
+        the current one): the path without a driver copier (CPU tensors, no libcuda)."""
         lo, hi = int(copies.bounds[c]), int(copies.bounds[c + 1])
         host, stage, size = copies.host[lo:hi], copies.stage[lo:hi], copies.size[lo:hi]
-        if self.copier is not None:
-            h = host + np.uint64(self._host_u8.data_ptr())
-            s = stage + np.uint64(buf.data_ptr())
-            dst, src = (h, s) if to_host else (s, h)
-            on = stream if stream is not None else torch.cuda.current_stream(self.dkv.device)
-            self.copier(dst, src, size, on.cuda_stream)
-            return
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for h_off, s_off, n in zip(host.tolist(), stage.tolist(), size.tolist()):
                 hv, sv = self._host_u8[h_off : h_off + n], buf[s_off : s_off + n]
@@ -208,105 +233,70 @@ class StagedPath:
         n = self.dkv.blocks_per_page
         flat = blocks.reshape(-1) if blocks_dev is None else blocks_dev.reshape(-1)
         flat = flat.to(self.dkv.device, non_blocking=True)
-        # every chunk's host copies in one pass (uint64: what the driver call takes)
         ppc = self.chunk_bytes // lay.stride
-        jc = job_copies(slots.numpy().astype(np.int64), lay, self.plane_bytes,
-                        self.pool.slot_bytes, self.pool.payload_offset, ppc)
-        jc = jc._replace(host=jc.host.astype(np.uint64), stage=jc.stage.astype(np.uint64),
-                         size=jc.size.astype(np.uint64))
         main = torch.cuda.current_stream(self.dkv.device) if self.on_gpu else None
         with d.lock:
+            bufs = None
+            if self.copier is not None:  # absolute addresses, chunk c in buffer (next + c) % B
+                chunks = -(-int(slots.numel()) // ppc)
+                bufs = d.addrs[(d.next_buf + np.arange(chunks)) % self.num_buffers]
+            jc = job_copies(slots.numpy(), lay, self.plane_bytes, self.pool.slot_bytes,
+                            self.pool.payload_offset, ppc, bufs, self._host_u8.data_ptr())
+            run = _Run(op, d, main, planes, lay, None, 0 if main is None else main.cuda_stream,
+                       0 if d.stream is None else d.stream.cuda_stream)
             if d.stream is not None and main is not None:
                 start = torch.cuda.Event()
                 start.record(main)
                 d.stream.wait_event(start)  # no copy of this job runs before main's earlier work
-            bounds = chunk_bounds(int(slots.numel()), ppc)
-            for c, (lo, hi) in enumerate(bounds):
+            if bufs is not None:
+                host, stage = jc.host.view(np.uint64), jc.stage.view(np.uint64)
+                dst, src = (host, stage) if op == "store" else (stage, host)
+                run = run._replace(addr=_Addresses(dst, src, jc.size.view(np.uint64),
+                                                   jc.bounds.tolist()))
+            step = self._stage_store if op == "store" else self._stage_load
+            for c, (lo, hi) in enumerate(chunk_bounds(int(slots.numel()), ppc)):
                 b = d.next_buf
                 d.next_buf = (b + 1) % self.num_buffers
-                buf, blk = d.buffers[b], flat[lo * n : hi * n]
-                if op == "store":
-                    self._stage_store(d, b, main, blk, buf, jc, c, planes, lay)
-                else:
-                    self._stage_load(d, b, main, blk, buf, jc, c, planes, lay)
+                step(run, b, flat[lo * n : hi * n], jc, c)
             if d.stream is not None and main is not None and op == "store":
                 end = torch.cuda.Event()
                 end.record(d.stream)
                 main.wait_event(end)
         return [flat]
 
-    def _stage_store(
-        self,
-        d: _Direction,
-        b: int,
-        main: torch.cuda.Stream | None,
-        blk: torch.Tensor,
-        buf: torch.Tensor,
-        jc: JobCopies,
-        c: int,
-        planes: Sequence[int],
-        lay: Layout,
-    ) -> None:
+    def _move(self, run: _Run, b: int, jc: JobCopies, c: int, stream: torch.cuda.Stream | None
+              ) -> None:
+        """Chunk c's host copies, on `stream` (None: the current one)."""
+        if run.addr is None:
+            self._host_copy(run.op == "store", jc, c, run.d.views[b], stream)
+            return
+        lo, hi = run.addr.bounds[c], run.addr.bounds[c + 1]
+        assert self.copier is not None
+        handle = run.handle if stream is None else run.dstream
+        self.copier(run.addr.dst[lo:hi], run.addr.src[lo:hi], run.addr.size[lo:hi], handle)
+
+    def _stage_store(self, run: _Run, b: int, blk: torch.Tensor, jc: JobCopies, c: int) -> None:
+        d, main = run.d, run.main
         if d.stream is None or main is None:
-            self._device_copy(True, blk, buf, planes, lay)
-            self._host_copy(True, jc, c, buf, None)
+            self._device_copy(True, blk, d.views[b], run.planes, run.lay, d.kviews[b])
+            self._move(run, b, jc, c, None)
             return
         main.wait_event(d.free[b])  # the previous DMA out of buffer b has finished
-        self._device_copy(True, blk, buf, planes, lay)
+        self._device_copy(True, blk, d.views[b], run.planes, run.lay, d.kviews[b])
         d.filled[b].record(main)
         d.stream.wait_event(d.filled[b])
-        self._host_copy(True, jc, c, buf, d.stream)
+        self._move(run, b, jc, c, d.stream)
         d.free[b].record(d.stream)
 
-    def _stage_load(
-        self,
-        d: _Direction,
-        b: int,
-        main: torch.cuda.Stream | None,
-        blk: torch.Tensor,
-        buf: torch.Tensor,
-        jc: JobCopies,
-        c: int,
-        planes: Sequence[int],
-        lay: Layout,
-    ) -> None:
+    def _stage_load(self, run: _Run, b: int, blk: torch.Tensor, jc: JobCopies, c: int) -> None:
+        d, main = run.d, run.main
         if d.stream is None or main is None:
-            self._host_copy(False, jc, c, buf, None)
-            self._device_copy(False, blk, buf, planes, lay)
+            self._move(run, b, jc, c, None)
+            self._device_copy(False, blk, d.views[b], run.planes, run.lay, d.kviews[b])
             return
         d.stream.wait_event(d.free[b])  # the previous scatter out of buffer b has finished
-        self._host_copy(False, jc, c, buf, d.stream)
+        self._move(run, b, jc, c, d.stream)
         d.filled[b].record(d.stream)
         main.wait_event(d.filled[b])
-        self._device_copy(False, blk, buf, planes, lay)
+        self._device_copy(False, blk, d.views[b], run.planes, run.lay, d.kviews[b])
         d.free[b].record(main)
-
-
-def make_staged(dkv: DeviceKV, pool: HostPool, cfg: Staged, gpu: GPUPaths | None) -> StagedPath:
-    """The staged path of an engine: Triton gather/scatter and driver copies where they exist
-    (`gpu`), torch indexing and tensor copies otherwise (CPU tensors)."""
-    if gpu is None:
-        return StagedPath(dkv, pool, cfg.chunk_bytes, cfg.buffers)
-    paths = gpu
-    kernel: Kernel | None = None
-    if paths.triton is not None:
-
-        def kernel(
-            to_staging: bool,
-            blocks: torch.Tensor,
-            off: torch.Tensor,
-            planes: Sequence[int],
-            base: torch.Tensor,
-        ) -> None:
-            paths.copy_kernel(to_staging, blocks, off, planes, base)
-
-    copier: Copier | None = None
-    dma = paths.dma
-    if dma is not None:
-        loop = not (cfg.batch and dma.batched)
-
-        def copier(d: np.ndarray, s: np.ndarray, n: np.ndarray, stream: int) -> None:
-            assert dma is not None
-            dma.copy(d, s, n, stream, loop=loop)
-
-    return StagedPath(dkv, pool, cfg.chunk_bytes, cfg.buffers, kernel, copier, paths.elem_size)

@@ -74,15 +74,23 @@ def job_copies(
     slot_bytes: int,
     payload_offset: int,
     pages_per_chunk: int,
+    buffers: np.ndarray | None = None,
+    host_base: int = 0,
 ) -> JobCopies:
     """copy_runs for every chunk of a job at once (chunk c = pages [c * pages_per_chunk, ...)):
     one vectorised pass instead of one per chunk, which the enqueue of a 1 GiB job repeats
-    32 times. Copies never merge across chunks (the staging offset restarts at 0)."""
+    32 times. Copies never merge across chunks (the staging offset restarts at 0).
+    With `buffers` (int64 [chunks]: the address of the buffer chunk c is staged in) and
+    `host_base` (the pool's address), host and stage are absolute addresses, ready for the
+    driver (a chunk's copies are then slices, with no per-chunk arithmetic)."""
     ppc = max(1, pages_per_chunk)
     host, stage, size, first = _runs(slots, layout, plane_bytes, slot_bytes, payload_offset, ppc)
     n_chunks = -(-int(slots.size) // ppc)
     chunk_of = first // len(layout.runs) // ppc  # items are page-major, len(runs) per page
     bounds = np.searchsorted(chunk_of, np.arange(n_chunks + 1), side="left")
+    if buffers is not None:
+        stage = stage + buffers[chunk_of]
+        host = host + host_base
     return JobCopies(host, stage, size, bounds)
 
 
@@ -110,16 +118,22 @@ def _runs(
     """copy_runs plus the index of each merged copy's first item (page * len(runs) + run).
     With `pages_per_chunk`, `slots` is a whole job and page i sits at staging offset
     (i % pages_per_chunk) * layout.stride of its chunk's buffer."""
-    s = slots.astype(np.int64).reshape(-1, 1)
-    starts = np.array([q for q, _ in layout.runs], dtype=np.int64).reshape(1, -1)
-    sizes = np.array([k for _, k in layout.runs], dtype=np.int64).reshape(1, -1) * plane_bytes
-    host = s * slot_bytes + payload_offset + starts * plane_bytes
-    page = np.arange(s.shape[0], dtype=np.int64).reshape(-1, 1)
+    s = slots.astype(np.int64, copy=False).reshape(-1)
+    page = np.arange(s.size, dtype=np.int64)
     if pages_per_chunk is not None:
-        page = page % pages_per_chunk
-    stage = page * layout.stride + (starts - layout.p0) * plane_bytes
-    host, stage = host.reshape(-1), stage.reshape(-1)
-    size = np.broadcast_to(sizes, (s.shape[0], sizes.shape[1])).reshape(-1)
+        page %= pages_per_chunk
+    if len(layout.runs) == 1:  # the common case (every plane of a page): no 2-D broadcast
+        (q, k), = layout.runs
+        host = s * slot_bytes + (payload_offset + q * plane_bytes)
+        stage = page * layout.stride + (q - layout.p0) * plane_bytes
+        size = np.full(s.size, k * plane_bytes, dtype=np.int64)
+    else:
+        starts = np.array([q for q, _ in layout.runs], dtype=np.int64).reshape(1, -1)
+        sizes = np.array([k for _, k in layout.runs], dtype=np.int64).reshape(1, -1)
+        host = (s.reshape(-1, 1) * slot_bytes + payload_offset + starts * plane_bytes).reshape(-1)
+        stage = (page.reshape(-1, 1) * layout.stride + (starts - layout.p0) * plane_bytes)
+        stage = stage.reshape(-1)
+        size = np.broadcast_to(sizes * plane_bytes, (s.size, sizes.shape[1])).reshape(-1)
     if host.size == 0:
         return host, stage, size.copy(), np.zeros(0, dtype=np.int64)
     # merged: adjacent on both sides, or (whole-page layouts) one slot gap apart on both

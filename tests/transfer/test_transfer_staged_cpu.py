@@ -212,12 +212,19 @@ def test_job_copies_match_per_chunk_copy_runs(
     rng = np.random.default_rng(seed)
     slots = np.arange(n) + 3 if contiguous else rng.permutation(40)[:n]
     jc = job_copies(slots, lay, 100, slot_bytes, header, ppc)
+    # the driver's form: chunk c staged in buffer bufs[c], the pool at `base`
+    bufs = rng.integers(1 << 40, 1 << 41, size=len(chunk_bounds(n, ppc))) * 256
+    base = int(rng.integers(1 << 30, 1 << 31)) * 4096
+    ab = job_copies(slots, lay, 100, slot_bytes, header, ppc, bufs, base)
     assert jc.bounds.size == len(chunk_bounds(n, ppc)) + 1 and jc.bounds[-1] == jc.host.size
+    assert np.array_equal(ab.bounds, jc.bounds) and np.array_equal(ab.size, jc.size)
     for c, (lo, hi) in enumerate(chunk_bounds(n, ppc)):
         a, b = jc.bounds[c], jc.bounds[c + 1]
         want = copy_runs(slots[lo:hi], lay, 100, slot_bytes, header)
         for got, exp in zip((jc.host[a:b], jc.stage[a:b], jc.size[a:b]), want):
             assert np.array_equal(got, exp), c
+        assert np.array_equal(ab.host[a:b], want[0] + base), c
+        assert np.array_equal(ab.stage[a:b], want[1] + bufs[c]), c
         # independently: every planned plane of the chunk's pages lies inside one copy that
         # maps it to its staging place, and no copy reaches a slot outside the chunk's
         mine = set(slots[lo:hi].tolist())
