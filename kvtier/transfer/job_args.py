@@ -72,11 +72,8 @@ def normalize_job_args(
         # the written side sorted once: its range and its duplicates in one pass
         written = np.sort(sl if write else blk.reshape(-1))
         other = blk if write else sl
-        (s_lo, s_hi), (b_lo, b_hi) = (
-            ((written[0], written[-1]), (other.min(), other.max()))
-            if write
-            else ((other.min(), other.max()), (written[0], written[-1]))
-        )
+        w_range, o_range = (written[0], written[-1]), (other.min(), other.max())
+        (s_lo, s_hi), (b_lo, b_hi) = (w_range, o_range) if write else (o_range, w_range)
         if s_lo < 0 or s_hi >= pool.num_slots:
             raise ValueError(f"slot out of range [0, {pool.num_slots})")
         if b_lo < 0 or b_hi >= dkv.num_blocks:

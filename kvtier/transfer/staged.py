@@ -77,8 +77,6 @@ class _Run(NamedTuple):
     planes: Sequence[int]
     lay: Layout
     addr: _Addresses | None
-    handle: int  # main's CUstream handle (0 on the CPU)
-    dstream: int  # the direction's DMA stream handle (0 on the CPU)
 
 
 class StagedPath:
@@ -171,13 +169,12 @@ class StagedPath:
         buf: torch.Tensor,
         planes: Sequence[int],
         lay: Layout,
-        kbuf: torch.Tensor | None = None,
+        kbuf: torch.Tensor,
     ) -> None:
         """Gather (to_staging) or scatter the chunk's pages between the planes and `buf`
         (`kbuf`: the same buffer in the kernel's element type)."""
         pages = blocks.numel() // self.dkv.blocks_per_page
         if self.kernel is not None:
-            kbuf = buf if kbuf is None else kbuf
             off = self._offsets(pages, lay.stride, lay.p0)
             self.kernel(to_staging, blocks, off, planes, kbuf)
             return
@@ -242,8 +239,7 @@ class StagedPath:
                 bufs = d.addrs[(d.next_buf + np.arange(chunks)) % self.num_buffers]
             jc = job_copies(slots.numpy(), lay, self.plane_bytes, self.pool.slot_bytes,
                             self.pool.payload_offset, ppc, bufs, self._host_u8.data_ptr())
-            run = _Run(op, d, main, planes, lay, None, 0 if main is None else main.cuda_stream,
-                       0 if d.stream is None else d.stream.cuda_stream)
+            run = _Run(op, d, main, planes, lay, None)
             if d.stream is not None and main is not None:
                 start = torch.cuda.Event()
                 start.record(main)
@@ -271,9 +267,9 @@ class StagedPath:
             self._host_copy(run.op == "store", jc, c, run.d.views[b], stream)
             return
         lo, hi = run.addr.bounds[c], run.addr.bounds[c + 1]
-        assert self.copier is not None
-        handle = run.handle if stream is None else run.dstream
-        self.copier(run.addr.dst[lo:hi], run.addr.src[lo:hi], run.addr.size[lo:hi], handle)
+        on = stream if stream is not None else run.main
+        assert self.copier is not None and on is not None
+        self.copier(run.addr.dst[lo:hi], run.addr.src[lo:hi], run.addr.size[lo:hi], on.cuda_stream)
 
     def _stage_store(self, run: _Run, b: int, blk: torch.Tensor, jc: JobCopies, c: int) -> None:
         d, main = run.d, run.main
