@@ -198,7 +198,8 @@ class CopyEngine:
         job = CopyJob(job_id, op, nbytes, path, t0=time.perf_counter())
         ready = None
         if self._gpu is not None:  # the copies are ordered after what the caller enqueued so far
-            ready = torch.cuda.Event()
+            assert self._enqueuer is not None
+            ready = self._enqueuer.events.take()
             ready.record(torch.cuda.current_stream(self.dkv.device))
         with self._lock:
             self._pending[job_id] = job
@@ -254,7 +255,7 @@ class CopyEngine:
             for job_id, job in list(self._pending.items()):
                 if job.finished_now():
                     del self._pending[job_id]
-                    out.append(job.result())
+                    out.append(self._report(job))
         return sorted(out, key=lambda r: r.job_id)
 
     def wait_layer(self, job_id: int, layer: int) -> None:
@@ -266,11 +267,11 @@ class CopyEngine:
         if job is None:
             return
         job.enqueued.wait()
-        if job.done is None:
-            return
+        events, done = job.layer_events, job.done  # a report meanwhile replaces both
         # a job that failed part-way has fewer layer events: its end covers every layer
-        ev = job.layer_events[layer] if layer < len(job.layer_events) else job.done
-        torch.cuda.current_stream(self.dkv.device).wait_event(ev)
+        ev = events[layer] if layer < len(events) else done
+        if ev is not None:  # None: a CPU job, or reported since
+            torch.cuda.current_stream(self.dkv.device).wait_event(ev)
 
     def wait(self, job_id: int, timeout: float | None = None) -> TransferResult:
         """Block until job `job_id` finishes and return its result (it is then not returned by
@@ -284,18 +285,27 @@ class CopyEngine:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not job.enqueued.wait(left):
             raise TimeoutError(f"transfer job {job_id} still queued after {timeout}s")
-        if job.done is not None:
+        done = job.done  # a concurrent poll may report the job and recycle its events
+        if done is not None:
             if deadline is None:
-                job.done.synchronize()
+                done.synchronize()
             else:
-                while not job.done.query():
+                while not done.query():
                     if time.monotonic() >= deadline:
                         raise TimeoutError(f"transfer job {job_id} still running after {timeout}s")
                     time.sleep(50e-6)
-            torch.cuda.current_stream(self.dkv.device).wait_event(job.done)
+            torch.cuda.current_stream(self.dkv.device).wait_event(done)
         with self._lock:
-            self._pending.pop(job_id, None)
-        return job.result()
+            if self._pending.pop(job_id, None) is None:
+                raise KeyError(f"transfer job {job_id} was reported by poll meanwhile")
+        return self._report(job)
+
+    def _report(self, job: CopyJob) -> TransferResult:
+        """`job`'s result; its events go back to the pool (nothing reads them after this)."""
+        result = job.result()
+        if self._enqueuer is not None:
+            self._enqueuer.events.give_job(job)
+        return result
 
     def close(self) -> None:
         """Wait for every job in flight and stop the submit threads; pending results stay
@@ -305,5 +315,6 @@ class CopyEngine:
         with self._lock:
             jobs = list(self._pending.values())
         for job in jobs:
-            if job.done is not None:
-                job.done.synchronize()
+            done = job.done
+            if done is not None:
+                done.synchronize()

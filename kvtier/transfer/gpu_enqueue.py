@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvtier.transfer.copy_job import CopyJob
+from kvtier.transfer.copy_job import CopyJob, EventPool
 from kvtier.transfer.device_kv import DeviceKV
 from kvtier.transfer.gpu_paths import GPUPaths
 from kvtier.transfer.staged import StagedPath
@@ -38,6 +38,7 @@ class GPUEnqueuer:
         self.fail = fail
         self.store_stream = torch.cuda.Stream(dkv.device)
         self.load_stream = torch.cuda.Stream(dkv.device)
+        self.events = EventPool()
 
     def enqueue(
         self,
@@ -54,24 +55,23 @@ class GPUEnqueuer:
         dev = self.dkv.device
         with torch.cuda.device(dev):
             stream.wait_event(ready)
+            self.events.give(ready)
             with torch.cuda.stream(stream):
-                job.start = torch.cuda.Event(enable_timing=True)
+                job.start = self.events.take(timing=True)
                 job.start.record(stream)
                 try:
-                    blk_dev = None
-                    if job.path == "staged":  # block ids go to the device once per job
-                        blk_dev = blk.to(dev, non_blocking=True)
-                        job.keep.append(blk_dev)
+                    blk_dev = None  # a staged job's block ids, uploaded by its first group
                     for planes in groups:
-                        if blk_dev is not None:
-                            job.keep += self.staged.run(job.op, blk, sl, planes, blk_dev)
+                        if job.path == "staged":
+                            blk_dev = self.staged.run(job.op, blk, sl, planes, blk_dev, stream)
+                            job.keep.append(blk_dev)
                         else:
                             job.keep += self.gpu.run(job.op, job.path, blk, sl, planes, self.host)
                         if len(groups) > 1:
-                            ev = torch.cuda.Event()
+                            ev = self.events.take()
                             ev.record(stream)
                             job.layer_events.append(ev)
                 except Exception as exc:
                     self.fail(job, exc)
-                job.done = torch.cuda.Event(enable_timing=True)
+                job.done = self.events.take(timing=True)
                 job.done.record(stream)

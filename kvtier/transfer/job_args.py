@@ -28,9 +28,11 @@ def _int64(values: object, what: str) -> np.ndarray:
     sequence of equal-length sequences of ints (2-D)."""
     if isinstance(values, torch.Tensor):
         t = values.detach()
-        if t.is_floating_point() or t.is_complex():
-            raise ValueError(f"{what} must be integers, got {t.dtype}")
-        return t.to(device="cpu", dtype=torch.int64).numpy()
+        if t.dtype is not torch.int64 or t.device.type != "cpu":  # else a no-op costing us
+            if t.is_floating_point() or t.is_complex():
+                raise ValueError(f"{what} must be integers, got {t.dtype}")
+            t = t.to(device="cpu", dtype=torch.int64)
+        return t.numpy()
     if isinstance(values, np.ndarray):
         if values.size and values.dtype.kind not in "iu":
             raise ValueError(f"{what} must be integers, got {values.dtype}")

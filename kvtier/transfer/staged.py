@@ -55,6 +55,10 @@ class _Direction:
     views: list[torch.Tensor]  # buffers[b], made once (a tensor index costs microseconds)
     kviews: list[torch.Tensor]  # the same in the kernel's element type
     addrs: np.ndarray  # [B] int64 address of each buffer
+    # a job group's first copy waits on `begin` (recorded on main), main on a store's `end`;
+    # reused under `lock`: a wait is bound to the record before it, not to later ones
+    begin: torch.cuda.Event | None
+    end: torch.cuda.Event | None
     next_buf: int = 0
 
 
@@ -111,6 +115,7 @@ class StagedPath:
         self._dirs: dict[str, _Direction] = {}
         self._make_lock = threading.Lock()
         self._page_off: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._layouts: dict[tuple[int, ...], Layout] = {}
         self._host_u8 = pool.tensor.view(-1)
 
     def _direction(self, op: str) -> _Direction:
@@ -130,7 +135,8 @@ class StagedPath:
             views = [bufs[b] for b in range(self.num_buffers)]
             addrs = np.array([v.data_ptr() for v in views], dtype=np.int64)
             kviews = [v.view(move_dtype(self.unit)) for v in views]
-            d = _Direction(bufs, stream, ev, ev2, threading.Lock(), views, kviews, addrs)
+            marks = (torch.cuda.Event(), torch.cuda.Event()) if self.on_gpu else (None, None)
+            d = _Direction(bufs, stream, ev, ev2, threading.Lock(), views, kviews, addrs, *marks)
             self._dirs[op] = d
         return d
 
@@ -140,11 +146,18 @@ class StagedPath:
 
     def layout(self, planes: Sequence[int]) -> Layout:
         """Staging layout of `planes`: whole pages one host slot apart (Layout.gap) where a
-        chunk holds two slots or more (copies never merge across chunks)."""
-        if self.chunk_bytes < 2 * self.pool.slot_bytes:
-            return group_layout(planes, self.plane_bytes)
-        return group_layout(planes, self.plane_bytes, self.pool.slot_bytes,
-                            self.pool.payload_bytes)
+        chunk holds two slots or more (copies never merge across chunks). Cached per plane
+        list (a job's groups repeat)."""
+        key = tuple(planes)
+        lay = self._layouts.get(key)
+        if lay is None:
+            if self.chunk_bytes < 2 * self.pool.slot_bytes:
+                lay = group_layout(key, self.plane_bytes)
+            else:
+                lay = group_layout(key, self.plane_bytes, self.pool.slot_bytes,
+                                   self.pool.payload_bytes)
+            self._layouts[key] = lay
+        return lay
 
     def pages_per_chunk(self, planes: Sequence[int]) -> int:
         return self.chunk_bytes // self.layout(planes).stride
@@ -218,47 +231,61 @@ class StagedPath:
         slots: torch.Tensor,
         planes: Sequence[int],
         blocks_dev: torch.Tensor | None = None,
-    ) -> list[object]:
+        main: torch.cuda.Stream | None = None,
+    ) -> torch.Tensor | None:
         """Enqueue `op` ("store"/"load") of pages (blocks [N, n] int64 CPU, slots [N] CPU) for
-        `planes`, with gather/scatter on the current stream. `blocks_dev`: the same blocks
-        already on the device (uploaded once per job). Returns objects to keep alive until the
-        current stream has passed this point. Raises whatever a copy raises."""
+        `planes`, with gather/scatter on `main` (GPU; None: the current stream, which must be
+        `main` when given: the kernels launch on the current stream). `blocks_dev`: the same
+        blocks already on the device (a job uploads them once); without it they are uploaded
+        here, for a load after its first copy is on its way. Returns the blocks as the
+        gather/scatter read them (None: nothing enqueued): pass them to the job's next group,
+        and keep them alive until `main` has passed this point. Raises whatever a copy
+        raises."""
         if not planes or slots.numel() == 0:
-            return []
+            return None
         d = self._direction(op)
         lay = self.layout(planes)
         n = self.dkv.blocks_per_page
-        flat = blocks.reshape(-1) if blocks_dev is None else blocks_dev.reshape(-1)
-        flat = flat.to(self.dkv.device, non_blocking=True)
         ppc = self.chunk_bytes // lay.stride
-        main = torch.cuda.current_stream(self.dkv.device) if self.on_gpu else None
+        if self.on_gpu and main is None:
+            main = torch.cuda.current_stream(self.dkv.device)
+        flat = None if blocks_dev is None else blocks_dev.reshape(-1)
+        if flat is None and op == "store":
+            flat = self._upload(blocks)
         with d.lock:
             bufs = None
             if self.copier is not None:  # absolute addresses, chunk c in buffer (next + c) % B
                 chunks = -(-int(slots.numel()) // ppc)
-                bufs = d.addrs[(d.next_buf + np.arange(chunks)) % self.num_buffers]
+                bufs = d.addrs.take(np.arange(d.next_buf, d.next_buf + chunks), mode="wrap")
             jc = job_copies(slots.numpy(), lay, self.plane_bytes, self.pool.slot_bytes,
                             self.pool.payload_offset, ppc, bufs, self._host_u8.data_ptr())
             run = _Run(op, d, main, planes, lay, None)
-            if d.stream is not None and main is not None:
-                start = torch.cuda.Event()
-                start.record(main)
-                d.stream.wait_event(start)  # no copy of this job runs before main's earlier work
+            if d.stream is not None and main is not None and d.begin is not None:
+                d.begin.record(main)
+                d.stream.wait_event(d.begin)  # no copy of this job runs before main's earlier work
             if bufs is not None:
                 host, stage = jc.host.view(np.uint64), jc.stage.view(np.uint64)
                 dst, src = (host, stage) if op == "store" else (stage, host)
                 run = run._replace(addr=_Addresses(dst, src, jc.size.view(np.uint64),
                                                    jc.bounds.tolist()))
-            step = self._stage_store if op == "store" else self._stage_load
             for c, (lo, hi) in enumerate(chunk_bounds(int(slots.numel()), ppc)):
                 b = d.next_buf
                 d.next_buf = (b + 1) % self.num_buffers
-                step(run, b, flat[lo * n : hi * n], jc, c)
-            if d.stream is not None and main is not None and op == "store":
-                end = torch.cuda.Event()
-                end.record(d.stream)
-                main.wait_event(end)
-        return [flat]
+                if op == "store":
+                    assert flat is not None
+                    self._stage_store(run, b, flat[lo * n : hi * n], jc, c)
+                    continue
+                self._load_copy(run, b, jc, c)
+                if flat is None:  # the block ids go up while the first chunk's copy runs
+                    flat = self._upload(blocks)
+                self._load_scatter(run, b, flat[lo * n : hi * n])
+            if d.stream is not None and main is not None and op == "store" and d.end is not None:
+                d.end.record(d.stream)
+                main.wait_event(d.end)
+        return flat
+
+    def _upload(self, blocks: torch.Tensor) -> torch.Tensor:
+        return blocks.reshape(-1).to(self.dkv.device, non_blocking=True)
 
     def _move(self, run: _Run, b: int, jc: JobCopies, c: int, stream: torch.cuda.Stream | None
               ) -> None:
@@ -284,15 +311,21 @@ class StagedPath:
         self._move(run, b, jc, c, d.stream)
         d.free[b].record(d.stream)
 
-    def _stage_load(self, run: _Run, b: int, blk: torch.Tensor, jc: JobCopies, c: int) -> None:
-        d, main = run.d, run.main
-        if d.stream is None or main is None:
+    def _load_copy(self, run: _Run, b: int, jc: JobCopies, c: int) -> None:
+        """Chunk c of a load, host -> staging buffer b (its DMA half)."""
+        d = run.d
+        if d.stream is None or run.main is None:
             self._move(run, b, jc, c, None)
-            self._device_copy(False, blk, d.views[b], run.planes, run.lay, d.kviews[b])
             return
         d.stream.wait_event(d.free[b])  # the previous scatter out of buffer b has finished
         self._move(run, b, jc, c, d.stream)
         d.filled[b].record(d.stream)
-        main.wait_event(d.filled[b])
+
+    def _load_scatter(self, run: _Run, b: int, blk: torch.Tensor) -> None:
+        """Chunk c of a load, staging buffer b -> the blocks `blk` (its device half)."""
+        d, main = run.d, run.main
+        if d.stream is not None and main is not None:
+            main.wait_event(d.filled[b])
         self._device_copy(False, blk, d.views[b], run.planes, run.lay, d.kviews[b])
-        d.free[b].record(main)
+        if d.stream is not None and main is not None:
+            d.free[b].record(main)

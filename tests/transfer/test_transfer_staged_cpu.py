@@ -199,18 +199,23 @@ def test_planner_pieces() -> None:
     planes=st.sets(st.integers(0, 7), min_size=1),
     n=st.integers(0, 20),
     ppc=st.integers(1, 6),
-    contiguous=st.booleans(),
+    order=st.sampled_from(["contiguous", "random", "runs"]),
     header=st.sampled_from([0, 48, 64]),
     whole=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_job_copies_match_per_chunk_copy_runs(
-    planes: set[int], n: int, ppc: int, contiguous: bool, header: int, whole: bool, seed: int
+    planes: set[int], n: int, ppc: int, order: str, header: int, whole: bool, seed: int
 ) -> None:
     slot_bytes = 800 + header
     lay = group_layout(sorted(set(range(8)) if whole else planes), 100, slot_bytes, 800)
     rng = np.random.default_rng(seed)
-    slots = np.arange(n) + 3 if contiguous else rng.permutation(40)[:n]
+    slots = {
+        "contiguous": np.arange(n) + 3,
+        "random": rng.permutation(40)[:n],
+        # ascending and descending runs of various lengths, some slots consecutive
+        "runs": np.concatenate([np.arange(4), [9, 8, 7], np.arange(20, 33)])[:n],
+    }[order]
     jc = job_copies(slots, lay, 100, slot_bytes, header, ppc)
     # the driver's form: chunk c staged in buffer bufs[c], the pool at `base`
     bufs = rng.integers(1 << 40, 1 << 41, size=len(chunk_bounds(n, ppc))) * 256
