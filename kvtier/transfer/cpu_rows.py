@@ -8,9 +8,13 @@ contiguous host slot (store) and one row assignment straight out of it (load): e
 and written once. A per-plane gather into a temporary plus a scatter moved every byte three
 times and ran at a third of memcpy speed for 4-8 KiB rows.
 
-The view never owns or touches memory outside the rows it is indexed with; block numbers are
-range-checked against every plane before use, so a bad index cannot reach a neighbouring
-allocation. Results are bit-identical to kvtier.transfer.torch_path (tested).
+The rows move in kvtier's C row copier (kvtier.transfer.native_rows: one call per thread over
+the job's row addresses, prefetching ahead) where it is built, else as torch index_select
+(stores) and numpy row assignment (loads) over that view.
+
+The view never owns or touches memory outside the rows it is indexed with; block and slot
+numbers are range-checked before use, so a bad index cannot reach a neighbouring allocation.
+Results are bit-identical to kvtier.transfer.torch_path either way (tested).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from kvtier.transfer import native_rows
 from kvtier.transfer.device_kv import DeviceKV
 from kvtier.transfer.torch_path import move_dtype, widest_divisor
 
@@ -35,6 +40,10 @@ _MAX_THREADS = 4
 # the cores (each copy thread opens a team of its own). In calls of at most that many rows
 # 4 KiB-row stores went from 0.39-0.45 to 0.35-0.89 of memcpy (median 0.68), interleaved runs.
 _ATEN_GRAIN = 32768
+# The C copier writes a load's rows around the caches (its targets are scattered over the
+# engine's tensors; 4 KiB-row loads 0.97-1.00 -> 1.11-1.12 of memcpy), a store's through them
+# (no gain measured for the host slots' contiguous rows).
+_NONTEMPORAL = {"store": False, "load": True}
 
 def _runs(slots: np.ndarray) -> list[tuple[int, int]]:
     """(start, stop) index ranges of `slots` whose slots are consecutive ascending numbers."""
@@ -85,6 +94,13 @@ class RowCopier:
         self.host = self.host.view(host.shape[0], n_planes * n, self.row_elems)
         self._host_np = self.host.numpy()
         self._pool: ThreadPoolExecutor | None = None
+        # the C copier's addressing: row r of the span at _span_addr + r * elem; row j of slot
+        # s's payload at host address + s * slot stride + j * block bytes
+        self._native = native_rows.library() is not None
+        self._span_addr = base
+        self._slot_addr = self.host.data_ptr()
+        self._slot_stride = self.host.stride(0) * self.elem
+        self._row_cols = np.arange(n_planes * n, dtype=np.int64) * dkv.block_bytes
 
     def _row_ids(self, blocks: np.ndarray, planes: np.ndarray) -> np.ndarray:
         """[N, len(planes) * n] row numbers of every page's blocks, plane-major (blob order)."""
@@ -93,13 +109,36 @@ class RowCopier:
         off, step = self._off[planes][None, :, None], self._step[planes][None, :, None]
         return (off + blocks[:, None, :] * step).reshape(blocks.shape[0], -1)
 
+    def _check_slots(self, sl: np.ndarray) -> None:
+        if sl.size and (int(sl.min()) < 0 or int(sl.max()) >= self.host.shape[0]):
+            raise ValueError(f"slot out of range [0, {self.host.shape[0]})")
+
+    def _copy_native(self, op: str, ids: np.ndarray, sl: np.ndarray, cols: np.ndarray) -> None:
+        """Rows `ids` ([N, R] span rows) <-> row offsets `cols` ([R] bytes) of slots `sl`, one
+        C call per thread (store: span -> slots)."""
+        span = ids * self.elem + self._span_addr
+        slot = (sl * self._slot_stride + self._slot_addr)[:, None] + cols[None, :]
+        dst, src = (slot, span) if op == "store" else (span, slot)
+        nt = _NONTEMPORAL[op]
+
+        def part(lo: int, hi: int) -> None:
+            native_rows.copy_rows(dst[lo:hi].reshape(-1), src[lo:hi].reshape(-1),
+                                  self.dkv.block_bytes, nt)
+
+        self._split(part, int(sl.size), ids.size * self.dkv.block_bytes)
+
     def store(self, blocks: torch.Tensor, slots: torch.Tensor) -> None:
         """Copy the pages made of `blocks` ([N, n]) into host slots `slots` ([N])."""
         if slots.numel() == 0:
             return
         blk = blocks.numpy().reshape(int(slots.numel()), -1)
         sl = slots.numpy().reshape(-1)
-        ids = torch.from_numpy(self._row_ids(blk, np.arange(self.dkv.num_planes)))
+        self._check_slots(sl)
+        ids_np = self._row_ids(blk, np.arange(self.dkv.num_planes))
+        if self._native:
+            self._copy_native("store", ids_np, sl, self._row_cols)
+            return
+        ids = torch.from_numpy(ids_np)
         want = (ids.shape[1], self.row_elems)
         if tuple(self.host.shape[1:]) != want:  # index_select would resize a wrong `out`
             raise RuntimeError(f"host slot view {tuple(self.host.shape[1:])} holds no {want}")
@@ -128,9 +167,14 @@ class RowCopier:
             return
         blk = blocks.numpy().reshape(int(slots.numel()), -1)
         sl = slots.numpy().reshape(-1)
+        self._check_slots(sl)
         ids = self._row_ids(blk, todo)
-        dense = bool(np.all(np.diff(todo) == 1))
         n = self.dkv.blocks_per_page
+        if self._native:
+            cols = self._row_cols.reshape(-1, n)[todo].reshape(-1)
+            self._copy_native("load", ids, sl, cols)
+            return
+        dense = bool(np.all(np.diff(todo) == 1))
 
         def part(a: int, b: int) -> None:
             for lo, hi in _runs(sl[a:b]):
@@ -148,7 +192,7 @@ class RowCopier:
     def _split(self, part: Callable[[int, int], None], pages: int, nbytes: int) -> None:
         """Run part(lo, hi) over page ranges covering [0, pages), on several threads when the
         job is large: one core alone reaches about half of memcpy speed on scattered rows,
-        and both the index_select and the numpy row copies release the GIL."""
+        and the C copier, index_select and the numpy row copies all release the GIL."""
         workers = min(_MAX_THREADS, torch.get_num_threads(), pages)
         if workers < 2 or nbytes < _THREAD_MIN_BYTES:
             part(0, pages)

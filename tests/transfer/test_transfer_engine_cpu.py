@@ -179,7 +179,11 @@ def test_config_errors() -> None:
 def test_runtime_fault_is_a_failed_job_not_a_crash(threads: bool) -> None:
     eng, _ = _engine(threads)
     assert eng._rows is not None
-    eng._rows.host = eng._rows.host[:, :, :1]  # the slot view no longer fits a page
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("injected copy fault")
+
+    eng._rows.store = broken  # type: ignore[method-assign]
     res = eng.wait(eng.submit_store([[0, 1]], [0]))
     assert not res.success
 
