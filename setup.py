@@ -9,8 +9,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "kvtier.transfer._rowcopy",
-            sources=["kvtier/transfer/csrc/rowcopy.c"],
+            "kvtier.transfer._native",
+            sources=["kvtier/transfer/csrc/rowcopy.c", "kvtier/transfer/csrc/job_check.c"],
             extra_compile_args=["-O3"],
             optional=True,
         )

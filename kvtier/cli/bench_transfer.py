@@ -127,7 +127,7 @@ def _threaded_memcpy(dst: torch.Tensor, src: torch.Tensor, threads: int) -> Call
 def run_cpu(g: KVGeometry, pages: int, reps: int) -> dict[str, Any]:
     """The CPU path against a plain memcpy of the same bytes (see _threaded_memcpy)."""
     from kvtier.memory.host_pool import HostPool
-    from kvtier.transfer import native_rows
+    from kvtier.transfer import native
     from kvtier.transfer.device_kv import DeviceKV
     from kvtier.transfer.engine import CopyEngine
     from kvtier.transfer.torch_path import move_dtype
@@ -168,8 +168,8 @@ def run_cpu(g: KVGeometry, pages: int, reps: int) -> dict[str, Any]:
             if rep:  # the first round warms up
                 times[name].append(time.perf_counter() - t0)
     memcpy, store_gbs, load_gbs = (n / statistics.median(times[k]) / 1e9 for k in fns)
-    # the C row copier, or torch/numpy where it is not built or KVTIER_NATIVE_ROWS=0
-    name = "cpu" if native_rows.library() is not None else "cpu torch"
+    # the C row copier, or torch/numpy where it is not built or KVTIER_NATIVE=0
+    name = "cpu" if native.library() is not None else "cpu torch"
     return {
         "mode": "cpu",
         "ceiling": {"memcpy": memcpy},

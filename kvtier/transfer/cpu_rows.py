@@ -8,7 +8,7 @@ contiguous host slot (store) and one row assignment straight out of it (load): e
 and written once. A per-plane gather into a temporary plus a scatter moved every byte three
 times and ran at a third of memcpy speed for 4-8 KiB rows.
 
-The rows move in kvtier's C row copier (kvtier.transfer.native_rows: one call per thread over
+The rows move in kvtier's C row copier (kvtier.transfer.native: one call per thread over
 the job's row addresses, prefetching ahead) where it is built, else as torch index_select
 (stores) and numpy row assignment (loads) over that view.
 
@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from kvtier.transfer import native_rows
+from kvtier.transfer import native
 from kvtier.transfer.device_kv import DeviceKV
 from kvtier.transfer.torch_path import move_dtype, widest_divisor
 
@@ -96,7 +96,7 @@ class RowCopier:
         self._pool: ThreadPoolExecutor | None = None
         # the C copier's addressing: row r of the span at _span_addr + r * elem; row j of slot
         # s's payload at host address + s * slot stride + j * block bytes
-        self._native = native_rows.library() is not None
+        self._native = native.library() is not None
         self._span_addr = base
         self._slot_addr = self.host.data_ptr()
         self._slot_stride = self.host.stride(0) * self.elem
@@ -122,7 +122,7 @@ class RowCopier:
         nt = _NONTEMPORAL[op]
 
         def part(lo: int, hi: int) -> None:
-            native_rows.copy_rows(dst[lo:hi].reshape(-1), src[lo:hi].reshape(-1),
+            native.copy_rows(dst[lo:hi].reshape(-1), src[lo:hi].reshape(-1),
                                   self.dkv.block_bytes, nt)
 
         self._split(part, int(sl.size), ids.size * self.dkv.block_bytes)

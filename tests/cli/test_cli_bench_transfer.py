@@ -11,12 +11,12 @@ import sys
 
 import pytest
 
-from kvtier.transfer import native_rows
+from kvtier.transfer import native
 
 
-@pytest.mark.parametrize("native", ["1", "0"])
-def test_cpu_run_reports_both_ops_against_memcpy(native: str) -> None:
-    if native == "1" and native_rows.library() is None:
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_cpu_run_reports_both_ops_against_memcpy(switch: str) -> None:
+    if switch == "1" and native.library() is None:
         pytest.skip("kvtier's C row copier is not built here")
     exe = shutil.which("kvtier")
     cmd = [exe] if exe else [sys.executable, "-m", "kvtier"]
@@ -24,10 +24,10 @@ def test_cpu_run_reports_both_ops_against_memcpy(native: str) -> None:
         [*cmd, "bench", "transfer", "--cpu", "--geometry", "llama3-70b-tp8", "--pages", "8",
          "--reps", "2", "--json"],
         capture_output=True, text=True, timeout=300, check=True,
-        env={**os.environ, native_rows.ENV: native},
+        env={**os.environ, native.ENV: switch},
     )
     res = json.loads(out.stdout)
-    name = "cpu" if native == "1" else "cpu torch"
+    name = "cpu" if switch == "1" else "cpu torch"
     assert res["mode"] == "cpu" and list(res["engine"]) == [name]
     assert res["ceiling"]["memcpy"] > 0
     for op in ("store", "load"):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from kvtier.geometry.spec import KVGeometry
 from kvtier.memory.host_pool import HostPool
-from kvtier.transfer import native_rows
+from kvtier.transfer import native
 from kvtier.transfer.cpu_rows import RowCopier
 from kvtier.transfer.torch_path import host_planes, load_cpu, store_cpu
 from tests.transfer.transfer_kv_fixtures import ADAPTERS, MLA_ADAPTERS, build
@@ -21,7 +21,7 @@ from tests.transfer.transfer_kv_fixtures import ADAPTERS, MLA_ADAPTERS, build
 DTYPES = ("float32", "bfloat16", "float8_e4m3fn")
 NATIVE = [
     pytest.param(True, id="native", marks=pytest.mark.skipif(
-        native_rows.library() is None, reason="kvtier's C row copier is not built here")),
+        native.library() is None, reason="kvtier's C row copier is not built here")),
     pytest.param(False, id="fallback"),
 ]
 
@@ -34,11 +34,11 @@ def outside_payloads(pool: HostPool) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def copier(native: bool) -> Iterator[None]:
+def copier(use_native: bool) -> Iterator[None]:
     """RowCopiers made inside use the C copier (native) or torch/numpy copies."""
     with pytest.MonkeyPatch.context() as mp:
-        if not native:
-            mp.setattr(native_rows, "library", lambda: None)
+        if not use_native:
+            mp.setattr(native, "library", lambda: None)
         yield
 
 
@@ -52,7 +52,7 @@ def _pair(kind: str, g: KVGeometry, bs: int, nb: int, seed: int):  # type: ignor
     return dkv, ref, host_planes(pools[0], dkv), host_planes(pools[1], ref), pools
 
 
-@pytest.mark.parametrize("native", NATIVE)
+@pytest.mark.parametrize("use_native", NATIVE)
 @settings(max_examples=60, deadline=None)
 @given(
     kind=st.sampled_from(ADAPTERS + MLA_ADAPTERS),
@@ -66,7 +66,7 @@ def _pair(kind: str, g: KVGeometry, bs: int, nb: int, seed: int):  # type: ignor
     data=st.data(),
 )
 def test_matches_reference(
-    native: bool,
+    use_native: bool,
     kind: str,
     dtype: str,
     layers: int,
@@ -80,7 +80,7 @@ def test_matches_reference(
     """Also with stores cut into calls of 1, a few, or all of a page's rows (grain)."""
     import kvtier.transfer.cpu_rows as cpu_rows
 
-    with pytest.MonkeyPatch.context() as mp, copier(native):
+    with pytest.MonkeyPatch.context() as mp, copier(use_native):
         mp.setattr(cpu_rows, "_ATEN_GRAIN", grain)
         mla = kind in MLA_ADAPTERS
         page = 4 if kind.startswith("sglang") else 4 * split
@@ -110,12 +110,12 @@ def test_matches_reference(
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("native", NATIVE)
-def test_load_touches_only_its_rows(native: bool) -> None:
+@pytest.mark.parametrize("use_native", NATIVE)
+def test_load_touches_only_its_rows(use_native: bool) -> None:
     g = KVGeometry(3, 2, 16, 4, "bfloat16")
     dkv, _, host, _, pools = _pair("vllm", g, 4, 16, seed=1)
     before = [p.clone() for p in dkv.planes]
-    with copier(native):
+    with copier(use_native):
         RowCopier(dkv, host).load(torch.tensor([5, 2]), torch.tensor([[7], [3]]))
     for p, old in zip(dkv.planes, before):
         changed = (p != old).any(dim=1).nonzero().flatten().tolist()
@@ -125,11 +125,11 @@ def test_load_touches_only_its_rows(native: bool) -> None:
     pools[0].check_integrity()
 
 
-@pytest.mark.parametrize("native", NATIVE)
-def test_out_of_range_block_or_slot_is_refused_before_any_copy(native: bool) -> None:
+@pytest.mark.parametrize("use_native", NATIVE)
+def test_out_of_range_block_or_slot_is_refused_before_any_copy(use_native: bool) -> None:
     g = KVGeometry(2, 1, 8, 4, "float32")
     dkv, _, host, _, pools = _pair("vllm", g, 4, 8, seed=2)
-    with copier(native):
+    with copier(use_native):
         rows = RowCopier(dkv, host)
     snapshot = pools[0].tensor.clone()
     planes = [p.clone() for p in dkv.planes]
@@ -152,10 +152,10 @@ def test_refuses_non_cpu_memory() -> None:
         RowCopier(dkv, host.to("meta"))
 
 
-@pytest.mark.parametrize("native", NATIVE)
+@pytest.mark.parametrize("use_native", NATIVE)
 @pytest.mark.parametrize("kind", ["vllm", "vllm_shared", "cross_layer"])
 def test_threaded_split_matches_reference(
-    kind: str, native: bool, monkeypatch: pytest.MonkeyPatch
+    kind: str, use_native: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import kvtier.transfer.cpu_rows as cpu_rows
 
@@ -165,7 +165,7 @@ def test_threaded_split_matches_reference(
     dkv, ref, host, ref_host, pools = _pair(kind, g, 4, 40, seed=5)
     blocks = torch.randperm(40, generator=torch.Generator().manual_seed(5))[:38].view(19, 2)
     slots = torch.tensor([*range(3, 12), 30, 29, 20, *range(33, 40)])  # runs and singles
-    with copier(native):
+    with copier(use_native):
         rows = RowCopier(dkv, host)
     monkeypatch.setattr(cpu_rows, "_ATEN_GRAIN", 3 * rows.row_elems)  # 3 rows a call
     around = outside_payloads(pools[0])

@@ -7,7 +7,7 @@
  * non-temporal stores: a job is far larger than the caches, and write-allocating the target
  * lines would read every byte written once more.
  *
- * Plain C ABI, loaded through ctypes (kvtier/transfer/native_rows.py), which releases the GIL
+ * Plain C ABI, loaded through ctypes (kvtier/transfer/native.py), which releases the GIL
  * around each call. No allocation, no state: safe to call from several threads on disjoint
  * rows. The caller guarantees every address is valid for `len` bytes.
  */
@@ -31,7 +31,8 @@ static void prefetch_row(const char *p, int64_t len) {
     for (int64_t o = 0; o < end; o += 64) __builtin_prefetch(p + o, 0, 0);
 }
 
-int kvtier_rowcopy_version(void) { return 1; }
+/* Checked by the loader against the Python side it was built for. */
+int kvtier_native_version(void) { return 2; }
 
 void kvtier_copy_rows(const int64_t *dst, const int64_t *src, int64_t n, int64_t len,
                       int nontemporal) {

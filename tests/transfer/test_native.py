@@ -1,4 +1,4 @@
-"""kvtier's C row copier (kvtier.transfer.native_rows) on its own: every row lands where it is
+"""kvtier's native row copier (kvtier.transfer.native.copy_rows) on its own: every row lands where it is
 sent, byte for byte, with and without non-temporal stores, aligned or not; nothing else moves."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.transfer import native_rows
+from kvtier.transfer import native
 
 needs_lib = pytest.mark.skipif(
-    native_rows.library() is None and shutil.which("cc") is None,
+    native.library() is None and shutil.which("cc") is None,
     reason="no C compiler on this machine: kvtier installs without its row copier",
 )
 
@@ -22,7 +22,7 @@ needs_lib = pytest.mark.skipif(
 def test_library_is_built() -> None:
     """Where a compiler exists the install builds it (setup.py); a silent fallback would hide a
     broken build behind the slower path."""
-    assert native_rows.library() is not None
+    assert native.library() is not None
 
 
 @needs_lib
@@ -48,7 +48,7 @@ def test_rows_land_exactly(
         want[shift + t * length : shift + (t + 1) * length] = src[f * length : (f + 1) * length]
     d = (dst.ctypes.data + shift + to * length).astype(np.int64)
     s = (src.ctypes.data + frm * length).astype(np.int64)
-    native_rows.copy_rows(d, s, length, nontemporal)
+    native.copy_rows(d, s, length, nontemporal)
     assert np.array_equal(dst, want)
 
 
@@ -56,20 +56,20 @@ def test_rows_land_exactly(
 def test_refuses_mismatched_address_arrays() -> None:
     a = np.zeros(4, dtype=np.int64)
     with pytest.raises(ValueError, match="one shape"):
-        native_rows.copy_rows(a, np.zeros(3, dtype=np.int64), 8, False)
+        native.copy_rows(a, np.zeros(3, dtype=np.int64), 8, False)
     with pytest.raises(ValueError, match="int64"):
-        native_rows.copy_rows(a, a.astype(np.int32), 8, False)
+        native.copy_rows(a, a.astype(np.int32), 8, False)
     with pytest.raises(ValueError, match="contiguous"):
-        native_rows.copy_rows(np.zeros(8, dtype=np.int64)[::2], a, 8, False)
+        native.copy_rows(np.zeros(8, dtype=np.int64)[::2], a, 8, False)
 
 
 def test_switched_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    native_rows.library.cache_clear()
-    monkeypatch.setenv(native_rows.ENV, "0")
+    native.library.cache_clear()
+    monkeypatch.setenv(native.ENV, "0")
     try:
-        assert native_rows.library() is None
+        assert native.library() is None
         with pytest.raises(RuntimeError, match="not built"):
-            native_rows.copy_rows(np.zeros(1, np.int64), np.zeros(1, np.int64), 8, False)
+            native.copy_rows(np.zeros(1, np.int64), np.zeros(1, np.int64), 8, False)
     finally:
-        monkeypatch.delenv(native_rows.ENV)
-        native_rows.library.cache_clear()
+        monkeypatch.delenv(native.ENV)
+        native.library.cache_clear()
