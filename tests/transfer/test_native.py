@@ -1,5 +1,6 @@
-"""kvtier's native row copier (kvtier.transfer.native.copy_rows) on its own: every row lands where it is
-sent, byte for byte, with and without non-temporal stores, aligned or not; nothing else moves."""
+"""kvtier's native row copier (kvtier.transfer.native.copy_rows) on its own: every row lands
+where it is sent, byte for byte, with and without non-temporal stores, aligned or not; nothing
+else moves. (Its job check is held to the numpy one in test_job_args.)"""
 
 from __future__ import annotations
 
