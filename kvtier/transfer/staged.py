@@ -8,12 +8,10 @@ then a scatter kernel). The PCIe bytes move on the copy engines, not on SMs, and
 use separate DMA streams so both directions of the link run at once.
 
 Ordering (GPU): the gather/scatter runs on the engine's store/load stream (`main`), the copies on
-the direction's own DMA stream. Per buffer b, `filled[b]` says its bytes are ready for the next
-stage and `free[b]` that the last stage has read it; each stage waits on the other's event before
-touching b, so B buffers are B chunks in flight. A store's group ends with `main` waiting for its
-last copy, so whatever `main` records afterwards (the job's done event) covers every host byte.
-Staging buffers are allocated once per direction (lazily, on the first staged job of it), never
-per job.
+the direction's own DMA stream (kvtier.transfer.staging.Direction). Each stage waits on the
+other's event for buffer b (`filled[b]`, `free[b]`) before touching b, so B buffers are B chunks
+in flight. A store's group ends with `main` waiting for its last copy, so whatever `main` records
+afterwards (the job's done event) covers every host byte.
 
 The same code runs on CPU tensors with no streams: the copies are tensor copies and the gather /
 scatter torch indexing, which is how the chunk planning is tested without a GPU.
@@ -24,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -33,6 +30,7 @@ import torch
 from kvtier.memory.host_pool import HostPool
 from kvtier.transfer.device_kv import DeviceKV
 from kvtier.transfer.staged_plan import JobCopies, Layout, chunk_bounds, group_layout, job_copies
+from kvtier.transfer.staging import Direction
 from kvtier.transfer.torch_path import move_dtype
 
 # kernel(to_staging, blocks_dev [pages * n] int64, page_off_dev [pages] int64 offsets of each
@@ -41,25 +39,6 @@ from kvtier.transfer.torch_path import move_dtype
 Kernel = Callable[[bool, torch.Tensor, torch.Tensor, Sequence[int], torch.Tensor], None]
 # copy(dsts, srcs, sizes, stream handle) enqueues byte copies between absolute addresses.
 Copier = Callable[[np.ndarray, np.ndarray, np.ndarray, int], None]
-
-
-@dataclass
-class _Direction:
-    """Staging buffers, DMA stream and per-buffer events of one direction."""
-
-    buffers: torch.Tensor  # [B, buffer_bytes] uint8
-    stream: torch.cuda.Stream | None
-    filled: list[torch.cuda.Event]
-    free: list[torch.cuda.Event]
-    lock: threading.Lock
-    views: list[torch.Tensor]  # buffers[b], made once (a tensor index costs microseconds)
-    kviews: list[torch.Tensor]  # the same in the kernel's element type
-    addrs: np.ndarray  # [B] int64 address of each buffer
-    # a job group's first copy waits on `begin` (recorded on main), main on a store's `end`;
-    # reused under `lock`: a wait is bound to the record before it, not to later ones
-    begin: torch.cuda.Event | None
-    end: torch.cuda.Event | None
-    next_buf: int = 0
 
 
 class _Addresses(NamedTuple):
@@ -76,7 +55,7 @@ class _Run(NamedTuple):
     """What every chunk of one job group shares."""
 
     op: str
-    d: _Direction
+    d: Direction
     main: torch.cuda.Stream | None
     planes: Sequence[int]
     lay: Layout
@@ -112,33 +91,20 @@ class StagedPath:
         self.plane_bytes = dkv.blocks_per_page * dkv.block_bytes
         # offsets handed to the kernel are in its element size (bytes)
         self.unit = kernel_elem or dkv.geometry.itemsize
-        self._dirs: dict[str, _Direction] = {}
+        self._dirs: dict[str, Direction] = {}
         self._make_lock = threading.Lock()
         self._page_off: dict[tuple[int, int, int], torch.Tensor] = {}
         self._layouts: dict[tuple[int, ...], Layout] = {}
         self._host_u8 = pool.tensor.view(-1)
 
-    def _direction(self, op: str) -> _Direction:
+    def _direction(self, op: str) -> Direction:
         with self._make_lock:
-            return self._dirs.get(op) or self._new_direction(op)
-
-    def _new_direction(self, op: str) -> _Direction:
-        d = self._dirs.get(op)
-        if d is None:
-            size = -(-self.chunk_bytes // 256) * 256  # every buffer starts 256-byte aligned
-            # zeroed: the bytes between page images (Layout.gap) go out with a store's copies,
-            # into the padding and headers of the slots it fills (unsealed until it is done)
-            bufs = torch.zeros((self.num_buffers, size), dtype=torch.uint8, device=self.dkv.device)
-            stream = torch.cuda.Stream(self.dkv.device) if self.on_gpu else None
-            ev = [torch.cuda.Event() for _ in range(self.num_buffers)] if self.on_gpu else []
-            ev2 = [torch.cuda.Event() for _ in range(self.num_buffers)] if self.on_gpu else []
-            views = [bufs[b] for b in range(self.num_buffers)]
-            addrs = np.array([v.data_ptr() for v in views], dtype=np.int64)
-            kviews = [v.view(move_dtype(self.unit)) for v in views]
-            marks = (torch.cuda.Event(), torch.cuda.Event()) if self.on_gpu else (None, None)
-            d = _Direction(bufs, stream, ev, ev2, threading.Lock(), views, kviews, addrs, *marks)
-            self._dirs[op] = d
-        return d
+            d = self._dirs.get(op)
+            if d is None:
+                d = Direction.make(self.dkv.device, self.chunk_bytes, self.num_buffers,
+                                   self.unit)
+                self._dirs[op] = d
+            return d
 
     def staging_bytes(self) -> int:
         """Bytes of staging memory allocated so far (both directions)."""
