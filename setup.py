@@ -10,7 +10,11 @@ setup(
     ext_modules=[
         Extension(
             "kvtier.transfer._native",
-            sources=["kvtier/transfer/csrc/rowcopy.c", "kvtier/transfer/csrc/job_check.c"],
+            sources=[
+                "kvtier/transfer/csrc/rowcopy.c",
+                "kvtier/transfer/csrc/job_check.c",
+                "kvtier/transfer/csrc/job_plan.c",
+            ],
             extra_compile_args=["-O3"],
             optional=True,
         )

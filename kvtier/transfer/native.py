@@ -7,6 +7,8 @@ this file and loaded through ctypes, which releases the GIL for every call:
   0.4-0.8 (same machine, interleaved runs). The CPU path (kvtier.transfer.cpu_rows) uses it.
 - `check_job`: a copy job's range and duplicate checks in one call instead of a numpy sort
   and several calls (kvtier.transfer.job_args), on every submit's critical path.
+- `plan_copies`: a staged job's host copies (kvtier.transfer.staged_plan), also made before
+  the job's first copy.
 
 The library is optional (`library()` is None without it, or with KVTIER_NATIVE=0): the callers
 then run their torch/numpy versions, which the tests hold to the same results.
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 ENV = "KVTIER_NATIVE"
-_VERSION = 2
+_VERSION = 3
 _P, _N = ctypes.c_void_p, ctypes.c_int64
 # kvtier_check_job's answers (csrc/job_check.c)
 WRITTEN_RANGE, OTHER_RANGE, WRITTEN_TWICE, NO_MEMORY = 1, 2, 3, 4
@@ -45,6 +47,9 @@ def library() -> ctypes.CDLL | None:
             lib.kvtier_copy_rows.restype = None
             lib.kvtier_check_job.argtypes = [_P, _N, _N, _P, _N, _N]
             lib.kvtier_check_job.restype = ctypes.c_int
+            lib.kvtier_plan_copies.argtypes = [_P, _N, _N, _N, _N, _N, _N, _N, _N, _P, _P, _P,
+                                               _P, _P]
+            lib.kvtier_plan_copies.restype = ctypes.c_int64
             return lib
     return None
 
@@ -85,3 +90,32 @@ def check_job(written: np.ndarray, w_limit: int, other: np.ndarray, o_limit: int
     _int64_arrays(written, other)
     return int(lib.kvtier_check_job(written.ctypes.data, written.size, w_limit,
                                     other.ctypes.data, other.size, o_limit))
+
+
+def plan_copies(
+    slots: np.ndarray,
+    slot_bytes: int,
+    host_off: int,
+    stride: int,
+    shift: int,
+    size0: int,
+    ppc: int,
+    step: int,
+    buffers: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(host, stage, size, bounds) of a one-run staged job (see csrc/job_plan.c): page i of
+    chunk i // ppc at staging offset (i % ppc) * stride + shift (+ buffers[chunk]), its host
+    bytes at slots[i] * slot_bytes + host_off, size0 bytes each; consecutive pages of a chunk
+    whose slots are `step` apart (step > 0) merge. Raises RuntimeError without the library."""
+    lib = _lib()
+    _int64_arrays(slots, *([] if buffers is None else [buffers]))
+    n = int(slots.size)
+    chunks = -(-n // ppc)
+    if buffers is not None and buffers.size < chunks:
+        raise ValueError(f"{chunks} chunks need as many buffers, got {buffers.size}")
+    out = np.empty(3 * n + chunks + 1, dtype=np.int64)  # one allocation, four views
+    at = out.ctypes.data
+    m = lib.kvtier_plan_copies(slots.ctypes.data, n, slot_bytes, host_off, stride, shift, size0,
+                               ppc, step, None if buffers is None else buffers.ctypes.data,
+                               at, at + 8 * n, at + 16 * n, at + 24 * n)
+    return out[:m], out[n : n + m], out[2 * n : 2 * n + m], out[3 * n :]

@@ -9,6 +9,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from kvtier.transfer import native
+
 
 class Layout(NamedTuple):
     """Staging layout of one plane group: planes p0 .. p0 + span - 1 of each page, page images
@@ -120,19 +122,27 @@ def _one_run_copies(
     buffers: np.ndarray | None,
     host_base: int,
 ) -> JobCopies:
-    """job_copies for a layout of one plane run (every plane of a page, the common case) in a
-    handful of numpy calls: each costs microseconds on a busy host, and the plan is made before
-    a job's first copy. A page is one copy of its whole image here, so the bytes between two
-    pages' staging copies are stride - image (none, or the layout's gap) and _runs' test
-    reduces to: pages i - 1 and i of one chunk merge exactly when their slots are
-    layout.stride / slot_bytes apart. At a chunk start the staging offset restarts, so nothing
+    """job_copies for a layout of one plane run (every plane of a page, the common case), in one
+    call of kvtier's native library where it is built, else in a handful of numpy calls: each
+    costs microseconds on a busy host, and the plan is made before a job's first copy. A page
+    is one copy of its whole image here, so the bytes between two pages' staging copies are
+    stride - image (none, or the layout's gap) and _runs' test reduces to: pages i - 1 and i of
+    one chunk merge exactly when their slots are layout.stride / slot_bytes apart (1 for the
+    layouts group_layout makes). At a chunk start the staging offset restarts, so nothing
     merges there."""
-    s = slots.astype(np.int64, copy=False).reshape(-1)
+    s = np.ascontiguousarray(slots, dtype=np.int64).reshape(-1)
     n = int(s.size)
     (q, k), = layout.runs
     shift = (q - layout.p0) * plane_bytes
-    chunk_of, stage, bounds, size = _page_grid(n, ppc, layout.stride, shift, k * plane_bytes)
     step, rem = divmod(layout.stride, slot_bytes)
+    base = host_base if buffers is not None else 0
+    host_off = base + payload_offset + q * plane_bytes
+    if native.library() is not None:  # the same plan in one call
+        bufs = None if buffers is None else np.ascontiguousarray(buffers, dtype=np.int64)
+        return JobCopies(*native.plan_copies(s, slot_bytes, host_off, layout.stride, shift,
+                                             k * plane_bytes, ppc, step if rem == 0 else 0,
+                                             bufs))
+    chunk_of, stage, bounds, size = _page_grid(n, ppc, layout.stride, shift, k * plane_bytes)
     sf = s
     if n > 1 and rem == 0:
         cont = s[1:] - s[:-1] == step
@@ -145,11 +155,9 @@ def _one_run_copies(
             size = (s[np.append(first[1:], n) - 1] - sf) * slot_bytes + size[0]
             chunk_of, stage = chunk_of[first], stage[first]
             bounds = np.searchsorted(chunk_of, np.arange(bounds.size), side="left")
-    base = host_base if buffers is not None else 0
     if buffers is not None:
         stage = stage + buffers[chunk_of]
-    return JobCopies(sf * slot_bytes + (base + payload_offset + q * plane_bytes), stage, size,
-                     bounds)
+    return JobCopies(sf * slot_bytes + host_off, stage, size, bounds)
 
 
 def copy_runs(

@@ -17,6 +17,7 @@ from transfer_kv_fixtures import ADAPTERS, MLA_ADAPTERS, build
 from kvtier.errors import ConfigError
 from kvtier.geometry.spec import KVGeometry
 from kvtier.memory.host_pool import HostPool
+from kvtier.transfer import native
 from kvtier.transfer.engine import CopyEngine
 from kvtier.transfer.staged_plan import (
     chunk_bounds,
@@ -194,6 +195,11 @@ def test_planner_pieces() -> None:
     assert group_layout(range(8), 100).stride == 800
 
 
+@pytest.mark.parametrize("use_native", [
+    pytest.param(True, marks=pytest.mark.skipif(native.library() is None,
+                                                reason="kvtier's native library is not built")),
+    False,
+])
 @settings(max_examples=200, deadline=None)
 @given(
     planes=st.sets(st.integers(0, 7), min_size=1),
@@ -205,6 +211,17 @@ def test_planner_pieces() -> None:
     seed=st.integers(0, 2**16),
 )
 def test_job_copies_match_per_chunk_copy_runs(
+    planes: set[int], n: int, ppc: int, order: str, header: int, whole: bool, seed: int,
+    use_native: bool,
+) -> None:
+    """The one-run plan (native or numpy) and the general one against per-chunk copy_runs."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not use_native:
+            mp.setattr(native, "library", lambda: None)
+        _check_job_copies(planes, n, ppc, order, header, whole, seed)
+
+
+def _check_job_copies(
     planes: set[int], n: int, ppc: int, order: str, header: int, whole: bool, seed: int
 ) -> None:
     slot_bytes = 800 + header

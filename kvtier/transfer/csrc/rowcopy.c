@@ -32,7 +32,7 @@ static void prefetch_row(const char *p, int64_t len) {
 }
 
 /* Checked by the loader against the Python side it was built for. */
-int kvtier_native_version(void) { return 2; }
+int kvtier_native_version(void) { return 3; }
 
 void kvtier_copy_rows(const int64_t *dst, const int64_t *src, int64_t n, int64_t len,
                       int nontemporal) {
