@@ -202,11 +202,11 @@ class StagedPath:
         """Enqueue `op` ("store"/"load") of pages (blocks [N, n] int64 CPU, slots [N] CPU) for
         `planes`, with gather/scatter on `main` (GPU; None: the current stream, which must be
         `main` when given: the kernels launch on the current stream). `blocks_dev`: the same
-        blocks where the gather/scatter reads them (from the job's first group); without it a
-        store's gather kernel reads them from pinned host memory, and other groups upload them
-        (a load after its first copy is on its way). Returns the blocks as the gather/scatter
-        read them (None: nothing enqueued): pass them to the job's next group, and keep them
-        alive until `main` has passed this point. Raises whatever a copy raises."""
+        blocks already on the device (a job uploads them once); without it they are uploaded
+        here, for a load after its first copy is on its way. Returns the blocks as the
+        gather/scatter read them (None: nothing enqueued): pass them to the job's next group,
+        and keep them alive until `main` has passed this point. Raises whatever a copy
+        raises."""
         if not planes or slots.numel() == 0:
             return None
         d = self._direction(op)
@@ -217,7 +217,7 @@ class StagedPath:
             main = torch.cuda.current_stream(self.dkv.device)
         flat = None if blocks_dev is None else blocks_dev.reshape(-1)
         if flat is None and op == "store":
-            flat = self._mapped(blocks) if self.kernel is not None else self._upload(blocks)
+            flat = self._upload(blocks)
         with d.lock:
             bufs = None
             if self.copier is not None:  # absolute addresses, chunk c in buffer (next + c) % B
@@ -252,17 +252,6 @@ class StagedPath:
 
     def _upload(self, blocks: torch.Tensor) -> torch.Tensor:
         return blocks.reshape(-1).to(self.dkv.device, non_blocking=True)
-
-    def _mapped(self, blocks: torch.Tensor) -> torch.Tensor:
-        """The block ids in pinned host memory, which the gather kernel reads through the
-        mapping: a store's first gather then waits for no upload call (writing pinned memory
-        took a third of `.to(device)`'s 45-90 us on the GPU hosts measured). On CPU tensors,
-        the ids themselves."""
-        if not self.on_gpu:
-            return blocks.reshape(-1)
-        ids = torch.empty(blocks.numel(), dtype=torch.int64, pin_memory=True)
-        ids.numpy()[:] = blocks.numpy().reshape(-1)
-        return ids
 
     def _move(self, run: _Run, b: int, jc: JobCopies, c: int, stream: torch.cuda.Stream | None
               ) -> None:
