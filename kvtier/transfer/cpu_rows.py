@@ -123,7 +123,7 @@ class RowCopier:
 
         def part(lo: int, hi: int) -> None:
             native.copy_rows(dst[lo:hi].reshape(-1), src[lo:hi].reshape(-1),
-                                  self.dkv.block_bytes, nt)
+                             self.dkv.block_bytes, nt)
 
         self._split(part, int(sl.size), ids.size * self.dkv.block_bytes)
 

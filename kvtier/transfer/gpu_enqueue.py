@@ -63,8 +63,10 @@ class GPUEnqueuer:
                     blk_dev = None  # a staged job's block ids, uploaded by its first group
                     for planes in groups:
                         if job.path == "staged":
-                            blk_dev = self.staged.run(job.op, blk, sl, planes, blk_dev, stream)
-                            job.keep.append(blk_dev)
+                            ids = self.staged.run(job.op, blk, sl, planes, blk_dev, stream)
+                            if ids is not blk_dev:  # kept once, however many groups read it
+                                job.keep.append(ids)
+                                blk_dev = ids
                         else:
                             job.keep += self.gpu.run(job.op, job.path, blk, sl, planes, self.host)
                         if len(groups) > 1:

@@ -288,7 +288,7 @@ class StagedPath:
         d.filled[b].record(d.stream)
 
     def _load_scatter(self, run: _Run, b: int, blk: torch.Tensor) -> None:
-        """Chunk c of a load, staging buffer b -> the blocks `blk` (its device half)."""
+        """A load's chunk, staging buffer b -> the blocks `blk` (its device half)."""
         d, main = run.d, run.main
         if d.stream is not None and main is not None:
             main.wait_event(d.filled[b])

@@ -3,7 +3,6 @@ counts, plane lists and slot numbers, so the addressing is testable without any 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -88,8 +87,10 @@ def job_copies(
     driver (a chunk's copies are then slices, with no per-chunk arithmetic)."""
     ppc = max(1, pages_per_chunk)
     if len(layout.runs) == 1:
-        return _one_run_copies(slots, layout, plane_bytes, slot_bytes, payload_offset, ppc,
-                               buffers, host_base)
+        jc = _one_run_copies(slots, layout, plane_bytes, slot_bytes, payload_offset, ppc,
+                             buffers, host_base)
+        if jc is not None:
+            return jc
     host, stage, size, first = _runs(slots, layout, plane_bytes, slot_bytes, payload_offset, ppc)
     n_chunks = -(-int(slots.size) // ppc)
     chunk_of = first // len(layout.runs) // ppc  # items are page-major, len(runs) per page
@@ -98,18 +99,6 @@ def job_copies(
         stage = stage + buffers[chunk_of]
         host = host + host_base
     return JobCopies(host, stage, size, bounds)
-
-
-@functools.lru_cache(maxsize=64)
-def _page_grid(n: int, ppc: int, stride: int, shift: int, size: int) -> tuple[np.ndarray, ...]:
-    """(chunk of each page, its staging offset in that chunk's buffer, chunk bounds, `size`
-    for every page) for n pages of one copy each: read-only, cached per job shape."""
-    chunk_of, pos = np.divmod(np.arange(n, dtype=np.int64), ppc)
-    out = (chunk_of, pos * stride + shift, np.minimum(np.arange(-(-n // ppc) + 1) * ppc, n),
-           np.full(n, size, dtype=np.int64))
-    for a in out:
-        a.flags.writeable = False
-    return out
 
 
 def _one_run_copies(
@@ -121,43 +110,24 @@ def _one_run_copies(
     ppc: int,
     buffers: np.ndarray | None,
     host_base: int,
-) -> JobCopies:
-    """job_copies for a layout of one plane run (every plane of a page, the common case), in one
-    call of kvtier's native library where it is built, else in a handful of numpy calls: each
-    costs microseconds on a busy host, and the plan is made before a job's first copy. A page
-    is one copy of its whole image here, so the bytes between two pages' staging copies are
-    stride - image (none, or the layout's gap) and _runs' test reduces to: pages i - 1 and i of
-    one chunk merge exactly when their slots are layout.stride / slot_bytes apart (1 for the
-    layouts group_layout makes). At a chunk start the staging offset restarts, so nothing
-    merges there."""
-    s = np.ascontiguousarray(slots, dtype=np.int64).reshape(-1)
-    n = int(s.size)
+) -> JobCopies | None:
+    """job_copies for a layout of one plane run (every plane of a page, the common case) in one
+    call of kvtier's native library (the plan is made before a job's first copy); None without
+    the library (the general plan then runs). A page is one copy of its whole image here, so
+    the bytes between two pages' staging copies are stride - image (none, or the layout's gap)
+    and _runs' test reduces to: pages i - 1 and i of one chunk merge exactly when their slots
+    are layout.stride / slot_bytes apart (1 for the layouts group_layout makes). At a chunk
+    start the staging offset restarts, so nothing merges there."""
+    if native.library() is None:
+        return None
     (q, k), = layout.runs
-    shift = (q - layout.p0) * plane_bytes
     step, rem = divmod(layout.stride, slot_bytes)
     base = host_base if buffers is not None else 0
-    host_off = base + payload_offset + q * plane_bytes
-    if native.library() is not None:  # the same plan in one call
-        bufs = None if buffers is None else np.ascontiguousarray(buffers, dtype=np.int64)
-        return JobCopies(*native.plan_copies(s, slot_bytes, host_off, layout.stride, shift,
-                                             k * plane_bytes, ppc, step if rem == 0 else 0,
-                                             bufs))
-    chunk_of, stage, bounds, size = _page_grid(n, ppc, layout.stride, shift, k * plane_bytes)
-    sf = s
-    if n > 1 and rem == 0:
-        cont = s[1:] - s[:-1] == step
-        cont[ppc - 1 :: ppc] = False  # entry j is page j + 1, which may start a chunk
-        if np.count_nonzero(cont):
-            keep = np.ones(n, dtype=bool)
-            np.logical_not(cont, out=keep[1:])
-            first = np.flatnonzero(keep)
-            sf = s[first]
-            size = (s[np.append(first[1:], n) - 1] - sf) * slot_bytes + size[0]
-            chunk_of, stage = chunk_of[first], stage[first]
-            bounds = np.searchsorted(chunk_of, np.arange(bounds.size), side="left")
-    if buffers is not None:
-        stage = stage + buffers[chunk_of]
-    return JobCopies(sf * slot_bytes + host_off, stage, size, bounds)
+    bufs = None if buffers is None else np.ascontiguousarray(buffers, dtype=np.int64)
+    return JobCopies(*native.plan_copies(
+        np.ascontiguousarray(slots, dtype=np.int64).reshape(-1), slot_bytes,
+        base + payload_offset + q * plane_bytes, layout.stride, (q - layout.p0) * plane_bytes,
+        k * plane_bytes, ppc, step if rem == 0 else 0, bufs))
 
 
 def copy_runs(

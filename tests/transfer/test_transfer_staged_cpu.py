@@ -214,7 +214,7 @@ def test_job_copies_match_per_chunk_copy_runs(
     planes: set[int], n: int, ppc: int, order: str, header: int, whole: bool, seed: int,
     use_native: bool,
 ) -> None:
-    """The one-run plan (native or numpy) and the general one against per-chunk copy_runs."""
+    """The plan (native for one-run layouts, else numpy) against per-chunk copy_runs."""
     with pytest.MonkeyPatch.context() as mp:
         if not use_native:
             mp.setattr(native, "library", lambda: None)

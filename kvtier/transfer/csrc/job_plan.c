@@ -30,6 +30,6 @@ int64_t kvtier_plan_copies(const int64_t *slots, int64_t n, int64_t slot_bytes,
         size[m] = size0;
         m++;
     }
-    bounds[chunk + 1 < 0 ? 0 : chunk + 1] = m;
+    bounds[chunk + 1] = m; /* no pages: chunk is -1, bounds = {0} */
     return m;
 }
